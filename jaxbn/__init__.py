@@ -1,0 +1,27 @@
+"""jaxbn: batch normalization for JAX, as pure functions.
+
+The core is ``bn_init``, ``bn_train`` and ``bn_infer`` (see :mod:`jaxbn.core`);
+statistics and their exact merges live in :mod:`jaxbn.numerics`.
+"""
+
+from jaxbn import numerics
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+from jaxbn.core import Renorm
+from jaxbn.core import bn_infer
+from jaxbn.core import bn_init
+from jaxbn.core import bn_train
+from jaxbn.core import renorm_schedule
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "BNParams",
+  "BNState",
+  "Renorm",
+  "bn_infer",
+  "bn_init",
+  "bn_train",
+  "numerics",
+  "renorm_schedule",
+)

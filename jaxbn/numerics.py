@@ -1,0 +1,173 @@
+"""Moments and their exact merges: the one place jaxbn computes statistics.
+
+Every statistic in jaxbn (a mini-batch in ``bn_train``, shards of a batch on
+several devices, ghost batches, the population statistics over a whole data
+set) is a :class:`Moments` triple ``(count, mean, m2)`` where ``m2`` is the sum
+of squared deviations from ``mean``. Triples merge exactly with Chan's formula
+(Chan, Golub & LeVeque 1979)::
+
+    n     = n_a + n_b
+    delta = mean_b - mean_a
+    mean  = mean_a + delta * n_b / n
+    m2    = m2_a + m2_b + delta**2 * n_a * n_b / n
+
+Numerical decisions, each deliberate:
+
+* Reductions run in at least float32, whatever the input dtype.
+* The variance is two-pass (mean first, then squared deviations from it), never
+  ``E[x^2] - E[x]^2``, which cancels catastrophically far from zero.
+* A count of zero is safe: its mean and variance are 0 and it merges as a
+  no-op; nothing divides by zero.
+* Across devices, the per-shard triples are summed (count-weighted) into the
+  triple of the whole batch, so unequal or masked shards give the statistics
+  of the whole batch (an equal-weight mean of per-shard means does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Moments(NamedTuple):
+  """Sufficient statistics of a set of values, per feature.
+
+  Attributes:
+    count: number of values (float32; a masked count need not be an integer
+      power of anything, and float32 keeps the tree one dtype).
+    mean: their mean (float32).
+    m2: the sum of their squared deviations from ``mean`` (float32, >= 0).
+  """
+
+  count: Array
+  mean: Array
+  m2: Array
+
+
+def stat_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype statistics are computed in: at least float32."""
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def moments(
+  x: Array,
+  axes: Sequence[int],
+  *,
+  mask: Array | None = None,
+  keepdims: bool = False,
+) -> Moments:
+  """Two-pass moments of ``x`` over ``axes``, restricted to ``mask``.
+
+  Args:
+    x: floating array.
+    axes: the axes to reduce.
+    mask: optional boolean array broadcastable to ``x``; only True entries
+      count.
+    keepdims: keep the reduced axes with size 1.
+
+  Returns:
+    :class:`Moments` with the reduced shape, in at least float32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import numerics
+    >>> m = numerics.moments(jnp.array([[1.0], [2.0], [6.0]]), (0,))
+    >>> m.count, m.mean, numerics.variance(m)
+    (Array([3.], dtype=float32), Array([3.], dtype=float32), Array([4.6666665], dtype=float32))
+  """
+  axes = tuple(axes)
+  dtype = stat_dtype(x.dtype)
+  x = x.astype(dtype)
+  if mask is None:
+    n = 1
+    for a in axes:
+      n *= x.shape[a]
+    shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    if not keepdims:
+      shape = tuple(s for i, s in enumerate(shape) if i not in axes)
+    count = jnp.full(shape, n, dtype)
+    mean = jnp.mean(x, axes, keepdims=keepdims)
+    centred = x - (mean if keepdims else jnp.expand_dims(mean, axes))
+    m2 = jnp.sum(jnp.square(centred), axes, keepdims=keepdims)
+    return Moments(count, mean, m2)
+  w = jnp.broadcast_to(mask, x.shape).astype(dtype)
+  count = jnp.sum(w, axes, keepdims=keepdims)
+  safe = jnp.maximum(count, 1)
+  mean = jnp.sum(x * w, axes, keepdims=keepdims) / safe
+  centred = x - (mean if keepdims else jnp.expand_dims(mean, axes))
+  m2 = jnp.sum(jnp.square(centred) * w, axes, keepdims=keepdims)
+  return Moments(count, mean, m2)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+  """Chan's exact merge of two sets of moments (elementwise over features).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import numerics
+    >>> x = jnp.array([1.0, 2.0, 6.0, 7.0])
+    >>> m = numerics.merge(numerics.moments(x[:1], (0,)), numerics.moments(x[1:], (0,)))
+    >>> float(m.mean), float(numerics.variance(m))
+    (4.0, 6.5)
+  """
+  n = a.count + b.count
+  safe = jnp.where(n > 0, n, 1)
+  delta = b.mean - a.mean
+  mean = a.mean + delta * (b.count / safe)
+  m2 = a.m2 + b.m2 + jnp.square(delta) * (a.count * b.count / safe)
+  return Moments(n, mean, m2)
+
+
+def merge_stacked(m: Moments, axis: int = 0) -> Moments:
+  """Merges moments stacked along ``axis`` in one step (no Python loop).
+
+  ``mean = sum(n_i mean_i) / N`` and ``m2 = sum(m2_i + n_i (mean_i - mean)^2)``:
+  the same result as folding :func:`merge` over the stack.
+  """
+  n = jnp.sum(m.count, axis)
+  safe = jnp.where(n > 0, n, 1)
+  mean = jnp.sum(m.count * m.mean, axis) / safe
+  dev = m.mean - jnp.expand_dims(mean, axis)
+  m2 = jnp.sum(m.m2 + m.count * jnp.square(dev), axis)
+  return Moments(n, mean, m2)
+
+
+def psum(tree: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
+  """Sums a pytree over a named axis (one collective).
+
+  Without groups this is ``lax.psum``, whose result is replicated (invariant)
+  under ``shard_map``. With ``axis_index_groups`` it is an ``all_gather``
+  followed by a local sum, because ``psum`` does not support groups under
+  ``shard_map``.
+  """
+  if axis_index_groups is None:
+    return jax.lax.psum(tree, axis_name)
+  gathered = jax.lax.all_gather(tree, axis_name, axis_index_groups=axis_index_groups)
+  return jax.tree.map(lambda g: jnp.sum(g, 0), gathered)
+
+
+def all_reduce(m: Moments, axis_name: Any, axis_index_groups: Any = None) -> Moments:
+  """The moments of the union of every shard along a named axis.
+
+  Exact and count-weighted: the global count and mean come from one sum of
+  ``(n_i, n_i mean_i)``, then ``m2 = sum(m2_i + n_i (mean_i - mean)^2)`` from a
+  second. Shards with unequal or masked counts (or none) are weighted by their
+  counts.
+  """
+  n, s = psum((m.count, m.count * m.mean), axis_name, axis_index_groups)
+  mean = s / jnp.where(n > 0, n, 1)
+  m2 = psum(m.m2 + m.count * jnp.square(m.mean - mean), axis_name, axis_index_groups)
+  return Moments(n, mean, m2)
+
+
+def variance(m: Moments, ddof: int = 0) -> Array:
+  """``m2 / (count - ddof)``, zero where that count is not positive."""
+  d = m.count - ddof
+  return jnp.where(d > 0, jnp.maximum(m.m2, 0) / jnp.where(d > 0, d, 1), 0)
