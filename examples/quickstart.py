@@ -3,6 +3,8 @@
 Run: python examples/quickstart.py
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ import jaxbn
 
 def init(key, sizes):
   params, state = [], []
-  for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+  for i, (m, n) in enumerate(itertools.pairwise(sizes)):
     w = jax.random.normal(jax.random.fold_in(key, i), (m, n)) * np.sqrt(1 / m)
     if i < len(sizes) - 2:  # hidden layer: W -> BN -> sigmoid (BN's bias replaces b)
       bn_params, bn_state = jaxbn.bn_init(n)
@@ -27,7 +29,7 @@ def init(key, sizes):
 
 def forward(params, state, x, train):
   new_state = []
-  for layer, st in zip(params[:-1], state):
+  for layer, st in zip(params[:-1], state, strict=True):
     h = x @ layer["w"]
     if train:
       h, st = jaxbn.bn_train(layer["bn"], st, h)

@@ -372,7 +372,10 @@ def _train_kernel(cfg: _Config):
 
 
 def _update_state(
-  state: BNState, batch: numerics.Moments, momentum: float | Array | None
+  state: BNState,
+  batch: numerics.Moments,
+  momentum: float | Array | None,
+  ema_warmup: bool = False,
 ) -> BNState:
   """New running statistics after a batch with moments ``batch``."""
   f32 = state.mean.dtype
@@ -384,9 +387,14 @@ def _update_state(
     merged = numerics.merge(old, batch)
     mean, var = merged.mean, numerics.variance(merged)
   else:
-    momentum = jnp.asarray(momentum, f32)
-    mean = momentum * state.mean + (1 - momentum) * batch.mean
-    var = momentum * state.var + (1 - momentum) * numerics.variance(batch)
+    weight = 1 - jnp.asarray(momentum, f32)
+    if ema_warmup:
+      # Count-aware: a cumulative average until it would weigh the new batch
+      # less than the EMA does. At count 0 the weight is 1 (no division by 0:
+      # a batch with no values is kept out by `seen` below).
+      weight = jnp.maximum(weight, batch.count / jnp.maximum(state.count + batch.count, 1))
+    mean = (1 - weight) * state.mean + weight * batch.mean
+    var = (1 - weight) * state.var + weight * numerics.variance(batch)
   return BNState(
     mean=jnp.where(seen, mean, state.mean).astype(state.mean.dtype),
     var=jnp.where(seen, var, state.var).astype(state.var.dtype),
@@ -412,6 +420,7 @@ def bn_train(
   mask: Array | None = None,
   ghost_batch_size: int | None = None,
   renorm: Renorm | None = None,
+  ema_warmup: bool = False,
 ) -> tuple[Array, BNState]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
@@ -459,6 +468,11 @@ def bn_train(
       statistics (Hoffer et al. 2017). The running statistics are updated with
       the whole batch's statistics, so inference is unchanged.
     renorm: a :class:`Renorm` for batch renormalization (Ioffe 2017).
+    ema_warmup: count-aware running average. The initial ``mean = 0, var = 1``
+      is wrong for the first hundreds of steps of an EMA; with this flag the
+      new batch weighs ``max(1 - momentum, n / (count + n))`` (``n`` its
+      count), so the state is the average of the batches seen so far until
+      the EMA's own horizon takes over. Safe at ``count = 0``.
 
   Returns:
     ``(y, new_state)``.
@@ -553,7 +567,7 @@ def bn_train(
     batch = numerics.merge_stacked(batch, 0)
   else:
     batch = numerics.Moments(*(t[0] for t in batch))
-  return y, _update_state(state, batch, momentum)
+  return y, _update_state(state, batch, momentum, ema_warmup)
 
 
 def _split_ghost(fn: str, x: Array, w: Array | None, lay: _Layout, size: int):

@@ -229,6 +229,26 @@ def test_momentum_convention_is_weight_of_the_old_value():
   np.testing.assert_allclose(new.var, [0.9 + 0.1], rtol=1e-6)
 
 
+def test_ema_warmup_averages_batches_then_becomes_the_ema():
+  params, state = jaxbn.bn_init(2)
+  xs = [jax.random.normal(jax.random.key(t), (8, 2)) * 2 + 5 for t in range(4)]
+  st = state
+  for x in xs:
+    _, st = jaxbn.bn_train(params, st, x, momentum=0.9, ema_warmup=True)
+  # weights 1, 1/2, 1/3, 1/4 (all above 0.1): the plain average of batch statistics.
+  x64 = [np.asarray(x, np.float64) for x in xs]
+  np.testing.assert_allclose(st.mean, np.mean([x.mean(0) for x in x64], 0), rtol=1e-5)
+  np.testing.assert_allclose(st.var, np.mean([x.var(0) for x in x64], 0), rtol=1e-5)
+  # Once count is large the update is the plain EMA.
+  big = st._replace(count=jnp.full(2, 1e6))
+  _, a = jaxbn.bn_train(params, big, xs[0], momentum=0.9, ema_warmup=True)
+  _, b = jaxbn.bn_train(params, big, xs[0], momentum=0.9)
+  chex.assert_trees_all_close(a, b, rtol=1e-6)
+  # Fully masked at count 0: unchanged, finite.
+  _, c = jaxbn.bn_train(params, state, xs[0], ema_warmup=True, mask=jnp.zeros(8, bool))
+  chex.assert_trees_all_equal(c._replace(step=0), state._replace(step=0))
+
+
 def test_infer_does_not_depend_on_the_batch():
   params, state = _random_params(jax.random.key(3), (5,))
   x = jax.random.normal(jax.random.key(4), (16, 5))
