@@ -96,3 +96,192 @@ def batches(
   for start in range(0, stop, batch_size):
     idx = order[start : start + batch_size]
     yield x[idx], y[idx]
+
+
+# --------------------------------------------------------------------------
+# Real MNIST, from files the user provides (nothing is downloaded).
+
+_MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_IDX_FILES = {
+  "x_train": "train-images-idx3-ubyte",
+  "y_train": "train-labels-idx1-ubyte",
+  "x_test": "t10k-images-idx3-ubyte",
+  "y_test": "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def load_mnist(path) -> Dataset:
+  """Real MNIST from a local file: a Keras ``mnist.npz`` or the four IDX files.
+
+  ``path`` is either
+
+  * an ``.npz`` archive with the arrays ``x_train``, ``y_train``, ``x_test``,
+    ``y_test`` (the layout of ``keras.datasets.mnist``), or
+  * a directory holding ``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+    ``t10k-labels-idx1-ubyte`` (LeCun's names; each may end in ``.gz``, and
+    ``train-images.idx3-ubyte`` spellings are accepted too).
+
+  Images are ``(n, 28, 28)`` (or ``(n, 28, 28, 1)``) bytes, scaled by 1/255;
+  labels are integers in [0, 9]. The paper's Section 4.1 trains on these
+  28x28 images.
+
+  Args:
+    path: a ``str`` or ``os.PathLike``.
+
+  Returns:
+    A :class:`Dataset` of ``(n, 28, 28, 1)`` float32 images in [0, 1] and
+    int32 labels.
+
+  Raises:
+    FileNotFoundError: ``path``, or one of the IDX files, does not exist.
+    ValueError: a file is not what is described above (the message names the
+      file and what was expected).
+
+  Examples:
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from jaxbn import data
+    >>> rng = np.random.default_rng(0)
+    >>> arrays = dict(
+    ...   x_train=rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+    ...   y_train=np.arange(6, dtype=np.uint8),
+    ...   x_test=rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+    ...   y_test=np.arange(4, dtype=np.uint8),
+    ... )
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   np.savez(os.path.join(d, "mnist.npz"), **arrays)
+    ...   ds = data.load_mnist(os.path.join(d, "mnist.npz"))
+    >>> ds.x_train.shape, ds.x_train.dtype, ds.y_test.tolist()
+    ((6, 28, 28, 1), dtype('float32'), [0, 1, 2, 3])
+
+  References:
+    LeCun, Cortes & Burges, the MNIST database (IDX format).
+    Ioffe & Szegedy 2015, arXiv:1502.03167, Sec. 4.1.
+  """
+  import os
+  import pathlib
+
+  p = pathlib.Path(os.fspath(path)).expanduser()
+  if not p.exists():
+    raise FileNotFoundError(
+      f"load_mnist: {str(p)!r} does not exist; expected a Keras-layout mnist.npz "
+      f"(arrays {', '.join(_MNIST_KEYS)}) or a directory with the four IDX files "
+      f"({', '.join(_IDX_FILES.values())}, optionally .gz)."
+    )
+  if p.is_dir():
+    arrays = {key: _read_idx(_find_idx(p, name)) for key, name in _IDX_FILES.items()}
+  else:
+    arrays = _read_npz(p)
+  return Dataset(
+    _mnist_images(arrays["x_train"], p, "x_train"),
+    _mnist_labels(arrays["y_train"], p, "y_train", len(arrays["x_train"])),
+    _mnist_images(arrays["x_test"], p, "x_test"),
+    _mnist_labels(arrays["y_test"], p, "y_test", len(arrays["x_test"])),
+  )
+
+
+def _read_npz(p) -> dict[str, np.ndarray]:
+  import zipfile
+
+  try:
+    with np.load(p, allow_pickle=False) as f:
+      if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+      missing = [k for k in _MNIST_KEYS if k not in f.files]
+      if missing:
+        raise ValueError(
+          f"load_mnist: {str(p)!r} lacks the arrays {missing} (it has {sorted(f.files)}); "
+          f"expected the Keras mnist.npz layout with {', '.join(_MNIST_KEYS)}."
+        )
+      return {k: f[k] for k in _MNIST_KEYS}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    if str(e).startswith("load_mnist:"):
+      raise
+    raise ValueError(
+      f"load_mnist: cannot read {str(p)!r} as an .npz archive ({e}); expected a "
+      f"Keras-layout mnist.npz (arrays {', '.join(_MNIST_KEYS)}) or a directory "
+      f"with the four IDX files."
+    ) from None
+
+
+def _find_idx(directory, name: str):
+  dotted = name.replace("-idx", ".idx")
+  candidates = [name, name + ".gz", dotted, dotted + ".gz"]
+  for c in candidates:
+    if (directory / c).is_file():
+      return directory / c
+  raise FileNotFoundError(
+    f"load_mnist: {str(directory)!r} has no {name} (looked for {', '.join(candidates)}); "
+    f"expected the four IDX files {', '.join(_IDX_FILES.values())} (optionally .gz)."
+  )
+
+
+def _read_idx(p) -> np.ndarray:
+  """Parses one IDX file: magic ``0, 0, dtype, ndim``, big-endian int32 dims, data."""
+  import gzip
+
+  opener = gzip.open if p.name.endswith(".gz") else open
+  try:
+    with opener(p, "rb") as f:
+      raw = f.read()
+  except OSError as e:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f"load_mnist: cannot read {str(p)!r} ({e}).") from None
+  expected = "an IDX file: bytes 0, 0, a type code, the number of dimensions, then sizes and data"
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+    raise ValueError(f"load_mnist: {str(p)!r} has a bad header {raw[:4]!r}; expected {expected}.")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise ValueError(f"load_mnist: {str(p)!r} is truncated in its header; expected {expected}.")
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+  dtype = np.dtype(_IDX_DTYPES[raw[2]])
+  size = int(np.prod(shape)) * dtype.itemsize
+  if len(raw) - header != size:
+    raise ValueError(
+      f"load_mnist: {str(p)!r} holds {len(raw) - header} bytes of data, but its header "
+      f"announces shape {shape} of {dtype.name} ({size} bytes); the file is truncated or corrupt."
+    )
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+
+
+def _mnist_images(x: np.ndarray, p, key: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.ndim == 4 and x.shape[-1] == 1:
+    x = x[..., 0]
+  if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) == 0:
+    raise ValueError(
+      f"load_mnist: {key} in {str(p)!r} has shape {x.shape}; expected (n, 28, 28) "
+      f"or (n, 28, 28, 1) images with n >= 1."
+    )
+  if np.issubdtype(x.dtype, np.integer):
+    if x.min() < 0 or x.max() > 255:
+      raise ValueError(
+        f"load_mnist: {key} in {str(p)!r} has values in [{x.min()}, {x.max()}]; "
+        f"expected bytes in [0, 255]."
+      )
+    return (x.astype(np.float32) / np.float32(255.0))[..., None]
+  if np.issubdtype(x.dtype, np.floating):
+    if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+      raise ValueError(
+        f"load_mnist: {key} in {str(p)!r} holds floats outside [0, 1] or non-finite "
+        f"values; expected bytes in [0, 255] or floats in [0, 1]."
+      )
+    return x.astype(np.float32)[..., None]
+  raise ValueError(f"load_mnist: {key} in {str(p)!r} has dtype {x.dtype}; expected uint8 images.")
+
+
+def _mnist_labels(y: np.ndarray, p, key: str, n: int) -> np.ndarray:
+  y = np.asarray(y)
+  if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(
+      f"load_mnist: {key} in {str(p)!r} has shape {y.shape} and dtype {y.dtype}; "
+      f"expected ({n},) integer labels, one per image."
+    )
+  if y.min() < 0 or y.max() > 9:
+    raise ValueError(
+      f"load_mnist: {key} in {str(p)!r} has labels in [{y.min()}, {y.max()}]; "
+      f"expected digits 0 to 9."
+    )
+  return y.astype(np.int32)
