@@ -56,6 +56,60 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
+def centred_moments(
+  x: Array,
+  axes: Sequence[int],
+  *,
+  mask: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+) -> tuple[Moments, Array]:
+  """Two-pass moments of ``x`` over ``axes`` (kept, size 1), and ``x - mean``.
+
+  The centred values are returned because batch norm needs them again (for
+  the output and the gradient): computing them once saves a pass over memory.
+  With ``axis_name`` the statistics are those of every shard together: the
+  global count and mean first (one sum), then squared deviations from that
+  global mean (a second sum), which is the same two-pass algorithm run on the
+  whole batch.
+
+  Args:
+    x: floating array.
+    axes: the axes to reduce.
+    mask: optional weights (0/1) broadcastable to ``x``; only nonzero entries
+      count.
+    axis_name: optional named axis the values are split over.
+    axis_index_groups: optional subgroups of ``axis_name``.
+
+  Returns:
+    ``(Moments, centred)``: moments with the reduced axes kept, in at least
+    float32, and ``x - mean`` in that dtype.
+  """
+  axes = tuple(axes)
+  dtype = stat_dtype(x.dtype)
+  x = x.astype(dtype)
+  if mask is None:
+    n = 1
+    for a in axes:
+      n *= x.shape[a]
+    shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    count = jnp.full(shape, n, dtype)
+    total = jnp.sum(x, axes, keepdims=True)
+  else:
+    w = mask.astype(dtype)
+    count = jnp.sum(jnp.broadcast_to(w, x.shape), axes, keepdims=True)
+    total = jnp.sum(x * w, axes, keepdims=True)
+  if axis_name is not None:
+    count, total = psum((count, total), axis_name, axis_index_groups)
+  mean = total / jnp.where(count > 0, count, 1)
+  centred = x - mean
+  sq = jnp.square(centred)
+  m2 = jnp.sum(sq if mask is None else sq * w, axes, keepdims=True)
+  if axis_name is not None:
+    m2 = psum(m2, axis_name, axis_index_groups)
+  return Moments(count, mean, m2), centred
+
+
 def moments(
   x: Array,
   axes: Sequence[int],
@@ -82,28 +136,10 @@ def moments(
     >>> m.count, m.mean, numerics.variance(m)
     (Array([3.], dtype=float32), Array([3.], dtype=float32), Array([4.6666665], dtype=float32))
   """
-  axes = tuple(axes)
-  dtype = stat_dtype(x.dtype)
-  x = x.astype(dtype)
-  if mask is None:
-    n = 1
-    for a in axes:
-      n *= x.shape[a]
-    shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-    if not keepdims:
-      shape = tuple(s for i, s in enumerate(shape) if i not in axes)
-    count = jnp.full(shape, n, dtype)
-    mean = jnp.mean(x, axes, keepdims=keepdims)
-    centred = x - (mean if keepdims else jnp.expand_dims(mean, axes))
-    m2 = jnp.sum(jnp.square(centred), axes, keepdims=keepdims)
-    return Moments(count, mean, m2)
-  w = jnp.broadcast_to(mask, x.shape).astype(dtype)
-  count = jnp.sum(w, axes, keepdims=keepdims)
-  safe = jnp.maximum(count, 1)
-  mean = jnp.sum(x * w, axes, keepdims=keepdims) / safe
-  centred = x - (mean if keepdims else jnp.expand_dims(mean, axes))
-  m2 = jnp.sum(jnp.square(centred) * w, axes, keepdims=keepdims)
-  return Moments(count, mean, m2)
+  m, _ = centred_moments(x, axes, mask=mask)
+  if keepdims:
+    return m
+  return Moments(*(jnp.squeeze(t, tuple(axes)) for t in m))
 
 
 def merge(a: Moments, b: Moments) -> Moments:
@@ -171,3 +207,58 @@ def variance(m: Moments, ddof: int = 0) -> Array:
   """``m2 / (count - ddof)``, zero where that count is not positive."""
   d = m.count - ddof
   return jnp.where(d > 0, jnp.maximum(m.m2, 0) / jnp.where(d > 0, d, 1), 0)
+
+
+class BatchAverage(NamedTuple):
+  """Equal-weight averages over mini-batches, per feature (Algorithm 2).
+
+  The inference statistics of Ioffe & Szegedy (2015, Algorithm 2) average the
+  statistics of training mini-batches ``B`` of ``m`` values::
+
+      E[x]   = E_B[mu_B]
+      Var[x] = m / (m - 1) * E_B[var_B]
+
+  Each batch here contributes its own unbiased variance ``m2 / (n - 1)``, so
+  that batches of unequal sizes (a last, smaller batch; masks) are each
+  corrected by their own ``n``; with equal sizes this is the formula above.
+
+  Attributes:
+    count: number of batches averaged so far (float32); a batch with fewer
+      than 2 values of a feature has no unbiased variance and is skipped for
+      that feature.
+    mean: ``E_B[mu_B]`` (float32).
+    var: ``E_B[n / (n - 1) var_B]`` (float32).
+  """
+
+  count: Array
+  mean: Array
+  var: Array
+
+
+def batch_average_init(shape: Sequence[int], dtype: Any = jnp.float32) -> BatchAverage:
+  """An empty :class:`BatchAverage` (no batch yet) of feature shape ``shape``."""
+  zeros = jnp.zeros(tuple(shape), dtype)
+  return BatchAverage(zeros, zeros, zeros)
+
+
+def batch_average_add(avg: BatchAverage, m: Moments) -> BatchAverage:
+  """Adds one batch, given by its moments, to the running averages.
+
+  Incremental means (``avg += (value - avg) / k``) keep the accumulator
+  constant in size and its values on the scale of the data.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import numerics
+    >>> avg = numerics.batch_average_init((1,))
+    >>> for b in (jnp.array([[1.0], [3.0]]), jnp.array([[2.0], [6.0]])):
+    ...   avg = numerics.batch_average_add(avg, numerics.moments(b, (0,)))
+    >>> avg.mean.tolist(), avg.var.tolist()  # means 2 and 4; unbiased vars 2 and 8
+    ([3.0], [5.0])
+  """
+  take = m.count > 1
+  k = avg.count + take.astype(avg.count.dtype)
+  step = jnp.where(take, 1 / jnp.maximum(k, 1), 0).astype(avg.mean.dtype)
+  mean = avg.mean + step * (m.mean.astype(avg.mean.dtype) - avg.mean)
+  var = avg.var + step * (variance(m, ddof=1).astype(avg.var.dtype) - avg.var)
+  return BatchAverage(k, mean, var)

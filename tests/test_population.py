@@ -1,0 +1,224 @@
+"""population_stats: exact and Algorithm-2 statistics over a whole data set."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from tests.reference import bn_train_ref
+
+EPS = 1e-5
+
+
+def _params(seed=0, din=5, dh=6, dout=3):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  w1 = jax.random.normal(k1, (din, dh)) / np.sqrt(din)
+  w2 = jax.random.normal(k2, (dh, dout)) / np.sqrt(dh)
+  p1, s1 = jaxbn.bn_init(dh)
+  p2, s2 = jaxbn.bn_init(dout)
+  p1 = p1._replace(scale=jnp.linspace(0.5, 2.0, dh), bias=jnp.linspace(-1.0, 1.0, dh))
+  params = {"w1": w1, "w2": w2, "bn1": p1, "bn2": p2}
+  return params, {"bn1": s1, "bn2": s2}
+
+
+def forward(params, states, x, **bn_kwargs):
+  """Dense -> BN -> relu -> Dense -> BN, in training mode."""
+  h, s1 = jaxbn.bn_train(params["bn1"], states["bn1"], x @ params["w1"], **bn_kwargs)
+  h = jax.nn.relu(h)
+  y, s2 = jaxbn.bn_train(params["bn2"], states["bn2"], h @ params["w2"], **bn_kwargs)
+  return y, {"bn1": s1, "bn2": s2}
+
+
+def _activations_ref(params, x):
+  """The float64 inputs of both BN layers for one batch (Algorithm 1)."""
+  p = jax.tree.map(lambda t: np.asarray(t, np.float64), params)
+  h1 = np.asarray(x, np.float64) @ p["w1"]
+  zeros = np.zeros(h1.shape[1])
+  y1, _, _ = bn_train_ref(h1, p["bn1"].scale, p["bn1"].bias, zeros, zeros + 1, epsilon=EPS)
+  h2 = np.maximum(y1, 0) @ p["w2"]
+  return {"bn1": h1, "bn2": h2}
+
+
+def _batches(sizes, din=5, seed=1):
+  rng = np.random.default_rng(seed)
+  return [(rng.normal(size=(n, din)) * 3 + 2).astype(np.float32) for n in sizes]
+
+
+def test_exact_equals_numpy_on_concatenated_activations():
+  params, states = _params()
+  batches = _batches([16, 7, 32, 3])  # unequal sizes: a plain mean of means is wrong
+  got = jaxbn.population_stats(forward, params, states, batches, progress=False)
+  acts = [_activations_ref(params, x) for x in batches]
+  for name in ("bn1", "bn2"):
+    allx = np.concatenate([a[name] for a in acts])
+    np.testing.assert_allclose(got[name].mean, allx.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[name].var, allx.var(0), rtol=1e-5)  # biased
+    np.testing.assert_array_equal(got[name].count, np.full(allx.shape[1], len(allx)))
+    assert got[name].mean.dtype == jnp.float32 and got[name].step == states[name].step
+
+
+def test_paper_estimator_is_algorithm_2():
+  params, states = _params()
+  m = 8
+  batches = _batches([m] * 5)
+  got = jaxbn.population_stats(forward, params, states, batches, estimator="paper", progress=False)
+  acts = [_activations_ref(params, x) for x in batches]
+  for name in ("bn1", "bn2"):
+    mus = np.stack([a[name].mean(0) for a in acts])
+    vars_ = np.stack([a[name].var(0) for a in acts])
+    np.testing.assert_allclose(got[name].mean, mus.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[name].var, m / (m - 1) * vars_.mean(0), rtol=1e-5)
+
+
+def test_paper_estimator_corrects_each_batch_by_its_own_size():
+  params, states = _params()
+  batches = _batches([8, 8, 3])
+  got = jaxbn.population_stats(forward, params, states, batches, estimator="paper", progress=False)
+  acts = [_activations_ref(params, x)["bn1"] for x in batches]
+  unbiased = np.stack([a.var(0, ddof=1) for a in acts])
+  np.testing.assert_allclose(got["bn1"].var, unbiased.mean(0), rtol=1e-5)
+
+
+def test_convolution_statistics_cover_batch_and_positions():
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))
+  bn, state = jaxbn.bn_init(4)
+
+  def conv_forward(params, state, x, **bn_kwargs):
+    h = jax.lax.conv_general_dilated(
+      x, params["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jaxbn.bn_train(params["bn"], state, h, **bn_kwargs)
+
+  params = {"kernel": kernel, "bn": bn}
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(size=(n, 6, 6, 2)).astype(np.float32) + 1 for n in (4, 2, 5)]
+  got = jaxbn.population_stats(conv_forward, params, state, batches, progress=False)
+  conv = jax.jit(
+    lambda x: jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
+  allh = np.concatenate([np.asarray(conv(x), np.float64).reshape(-1, 4) for x in batches])
+  np.testing.assert_allclose(got.mean, allh.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.var, allh.var(0), rtol=1e-4)
+  np.testing.assert_array_equal(got.count, np.full(4, (4 + 2 + 5) * 36))
+
+
+def test_masked_values_are_left_out_and_unseen_features_keep_their_state():
+  _, state = jaxbn.bn_init(3)
+  state = state._replace(mean=jnp.array([5.0, 5.0, 5.0]), var=jnp.array([7.0, 7.0, 7.0]))
+  params, _ = jaxbn.bn_init(3)
+
+  def masked_forward(params, state, batch, **bn_kwargs):
+    x, mask = batch
+    return jaxbn.bn_train(params, state, x, mask=mask, **bn_kwargs)
+
+  rng = np.random.default_rng(0)
+  batches = []
+  for n in (6, 9):
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    mask = rng.random((n, 3)) < 0.6
+    mask[:2, :2] = True  # features 0 and 1 have values in every batch
+    mask[:, 2] = False  # feature 2 never has one
+    batches.append((x, mask))
+  got = jaxbn.population_stats(masked_forward, params, state, batches, progress=False)
+  xs = np.concatenate([x for x, _ in batches]).astype(np.float64)
+  ms = np.concatenate([m for _, m in batches])
+  for k in (0, 1):
+    v = xs[ms[:, k], k]
+    np.testing.assert_allclose(got.mean[k], v.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got.var[k], v.var(), rtol=1e-5)
+  assert float(got.mean[2]) == 5.0 and float(got.var[2]) == 7.0 and float(got.count[2]) == 0
+
+
+def test_accepts_a_one_shot_generator_and_an_already_jitted_forward(capsys):
+  params, states = _params()
+  batches = _batches([10] * 30, seed=3)
+  want = jaxbn.population_stats(forward, params, states, batches, progress=False)
+  gen = (x for x in batches)  # no len, consumed once
+  got = jaxbn.population_stats(jax.jit(forward), params, states, gen, total=30)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert "population_stats" in capsys.readouterr().err  # the progress bar
+
+
+def test_a_forward_that_ignores_the_options_fails_instead_of_returning_ema():
+  params, states = _params()
+  batches = _batches([8, 8])
+  ema_forward = jax.jit(functools.partial(forward, momentum=0.9))
+
+  def ignores_kwargs(params, states, x, **bn_kwargs):
+    return ema_forward(params, states, x)
+
+  with pytest.raises(ValueError, match="momentum"):
+    jaxbn.population_stats(ignores_kwargs, params, states, batches, progress=False)
+
+
+def test_a_forward_with_renorm_baked_in_fails():
+  params, states = _params()
+
+  def renorm_forward(params, states, x, **bn_kwargs):
+    return forward(params, states, x, momentum=None, renorm=jaxbn.Renorm(1.5, 1.0))
+
+  with pytest.raises(ValueError, match="depend on the running"):
+    jaxbn.population_stats(renorm_forward, params, states, _batches([8]), progress=False)
+
+
+def test_an_inference_forward_fails():
+  params, states = _params()
+
+  def infer_forward(params, states, x, **bn_kwargs):
+    h = jax.nn.relu(jaxbn.bn_infer(params["bn1"], states["bn1"], x @ params["w1"]))
+    return jaxbn.bn_infer(params["bn2"], states["bn2"], h @ params["w2"]), states
+
+  with pytest.raises(ValueError, match="inference forward"):
+    jaxbn.population_stats(infer_forward, params, states, _batches([8]), progress=False)
+
+
+def test_bad_arguments_are_named():
+  params, states = _params()
+  with pytest.raises(ValueError, match="estimator"):
+    jaxbn.population_stats(forward, params, states, _batches([4]), estimator="ema")
+  with pytest.raises(ValueError, match="batches is empty"):
+    jaxbn.population_stats(forward, params, states, [], progress=False)
+  with pytest.raises(TypeError, match="BNState"):
+    jaxbn.population_stats(forward, params, {"bn1": states["bn1"], "w": 1.0}, [], progress=False)
+
+
+def test_statistics_over_the_global_batch_of_a_device_mesh():
+  params, states = _params()
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def sharded_forward(params, states, x, **bn_kwargs):
+    local = functools.partial(forward, axis_name="data", **bn_kwargs)
+    return jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P("data"), P())
+    )(params, states, x)
+
+  batches = _batches([16, 32, 8], seed=5)
+  got = jaxbn.population_stats(sharded_forward, params, states, batches, progress=False)
+  acts = [_activations_ref(params, x) for x in batches]  # whole-batch statistics
+  for name in ("bn1", "bn2"):
+    allx = np.concatenate([a[name] for a in acts])
+    np.testing.assert_allclose(got[name].mean, allx.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[name].var, allx.var(0), rtol=1e-5)
+  paper = jaxbn.population_stats(
+    sharded_forward, params, states, batches, estimator="paper", progress=False
+  )
+  mus = np.stack([a["bn2"].mean(0) for a in acts])
+  np.testing.assert_allclose(paper["bn2"].mean, mus.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrated_layer_normalizes_the_training_set():
+  params, states = _params()
+  batches = _batches([64] * 4, seed=7)
+  got = jaxbn.population_stats(forward, params, states, batches, progress=False)
+  h = np.concatenate(batches) @ np.asarray(params["w1"])
+  y = np.asarray(jaxbn.bn_infer(params["bn1"], got["bn1"], jnp.asarray(h)), np.float64)
+  p = params["bn1"]
+  np.testing.assert_allclose(y.mean(0), p.bias, atol=1e-4)
+  np.testing.assert_allclose(y.std(0), p.scale, rtol=1e-4)
