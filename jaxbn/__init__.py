@@ -12,6 +12,7 @@ from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.core import renorm_schedule
+from jaxbn.folding import fold_bn
 from jaxbn.population import population_stats
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = (
   "bn_infer",
   "bn_init",
   "bn_train",
+  "fold_bn",
   "numerics",
   "population_stats",
   "renorm_schedule",

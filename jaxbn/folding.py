@@ -1,0 +1,113 @@
+"""Folding batch norm into the preceding linear layer, for deployment.
+
+At inference a batch-norm layer is one affine map per feature (Algorithm 2),
+so it merges into the Dense or convolution before it::
+
+    s       = scale / sqrt(var + epsilon)
+    kernel' = kernel * s           # per output feature (the kernel's last axis)
+    bias'   = (bias - mean) * s + beta
+
+and ``bn_infer(layer(x))`` becomes ``layer'(x)``: one pass over the
+activations fewer (the transform PyTorch's ``torch.nn.utils.fusion`` applies).
+
+References:
+  Ioffe & Szegedy, ICML 2015, arXiv:1502.03167, Sec. 3.1 and Algorithm 2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+
+Array = jax.Array
+
+
+def fold_bn(
+  kernel: Array,
+  bias: Array | None,
+  params: BNParams,
+  state: BNState,
+  *,
+  epsilon: float = 1e-5,
+) -> tuple[Array, Array]:
+  r"""Folds an inference-mode batch norm into the layer before it.
+
+  For a layer ``z = x * kernel + bias`` whose kernel's last axis is the
+  output feature (Dense ``(in, out)``, convolution ``HWIO``), followed by
+  ``bn_infer(params, state, z)``::
+
+      s       = params.scale / sqrt(state.var + epsilon)
+      kernel' = kernel * s                                 # along the last axis
+      bias'   = (bias - state.mean) * s + params.bias
+
+  Computed in float32 (float64 if the kernel is), returned in the kernel's
+  dtype, so that the folded layer agrees with layer-then-``bn_infer`` to
+  float32 rounding.
+
+  Args:
+    kernel: the preceding layer's weights, output features on the last axis.
+    bias: its bias of shape ``(out,)``, or ``None`` for a layer without one
+      (as the paper places batch norm after ``W u``, without ``b``).
+    params: the batch norm's :class:`jaxbn.BNParams`, shape ``(out,)``.
+    state: its :class:`jaxbn.BNState` (the running or population statistics).
+    epsilon: the batch norm's epsilon.
+
+  Returns:
+    ``(kernel', bias')`` in the kernel's dtype; ``bias'`` has shape ``(out,)``.
+
+  Raises:
+    ValueError: the shapes of ``kernel``, ``bias``, ``params`` and ``state``
+      do not agree on the number of output features.
+    TypeError: ``kernel`` is not floating.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbn
+    >>> params, state = jaxbn.bn_init(2)
+    >>> state = state._replace(mean=jnp.array([1.0, 0.0]), var=jnp.array([4.0, 1.0]))
+    >>> kernel = jnp.array([[2.0, 3.0]])
+    >>> k, b = jaxbn.fold_bn(kernel, None, params, state, epsilon=0.0)
+    >>> k, b
+    (Array([[1., 3.]], dtype=float32), Array([-0.5,  0. ], dtype=float32))
+    >>> x = jnp.array([[5.0]])
+    >>> x @ k + b[None], jaxbn.bn_infer(params, state, x @ kernel, epsilon=0.0)
+    (Array([[ 4.5, 15. ]], dtype=float32), Array([[ 4.5, 15. ]], dtype=float32))
+
+  References:
+    Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 2 (inference as one
+    affine map).
+  """
+  fn = "fold_bn"
+  kernel = jnp.asarray(kernel)
+  if not jnp.issubdtype(kernel.dtype, jnp.floating):
+    raise TypeError(f"{fn}: kernel must be floating, got dtype {kernel.dtype}.")
+  if kernel.ndim < 1:
+    raise ValueError(f"{fn}: kernel must have an output-feature axis, got shape {kernel.shape}.")
+  out = kernel.shape[-1]
+  shapes = {
+    "params.scale": params.scale.shape,
+    "params.bias": params.bias.shape,
+    "state.mean": state.mean.shape,
+    "state.var": state.var.shape,
+  }
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    shapes["bias"] = bias.shape
+  wrong = {k: v for k, v in shapes.items() if v != (out,)}
+  if wrong:
+    raise ValueError(
+      f"{fn}: kernel of shape {kernel.shape} has {out} output features on its last "
+      f"axis, so every vector must have shape ({out},); got "
+      + ", ".join(f"{k} {v}" for k, v in wrong.items())
+      + ". Dense kernels are (in, out) and convolution kernels HWIO."
+    )
+  dtype = jnp.float64 if kernel.dtype == jnp.float64 else jnp.float32
+  s = params.scale.astype(dtype) * jax.lax.rsqrt(state.var.astype(dtype) + epsilon)
+  b = jnp.zeros((out,), dtype) if bias is None else bias.astype(dtype)
+  new_bias = (b - state.mean.astype(dtype)) * s + params.bias.astype(dtype)
+  s_b = s.reshape((1,) * (kernel.ndim - 1) + (out,))
+  new_kernel = kernel.astype(dtype) * s_b
+  return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
