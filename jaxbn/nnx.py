@@ -1,0 +1,247 @@
+"""A drop-in replacement for ``flax.nnx.BatchNorm``, built on the core.
+
+Same constructor, same variables (``mean`` and ``var`` as ``nnx.BatchStat``,
+``scale`` and ``bias`` as ``nnx.Param``), same ``.train()`` / ``.eval()`` and
+``nnx.view(model, use_running_average=...)``. The module calls
+:func:`jaxbn.bn_train` or :func:`jaxbn.bn_infer` on its variables.
+
+References:
+  Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes
+from flax.nnx.nn import initializers
+
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+from jaxbn.core import Renorm
+from jaxbn.core import bn_infer
+from jaxbn.core import bn_train
+from jaxbn.linen import _needs_count
+from jaxbn.linen import _needs_step
+
+__all__ = ("BatchNorm",)
+
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
+
+class BatchNorm(nnx.Module):
+  r"""Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.nnx.BatchNorm``.
+
+  In training (``use_running_average=False``, or after ``.train()``), per
+  feature over every other axis, two-pass in at least float32::
+
+      y = (x - mu_B) / sqrt(var_B + epsilon) * scale + bias
+      mean <- momentum * mean + (1 - momentum) * mu_B        # likewise var
+
+  In evaluation (``.eval()``) the stored ``mean`` and ``var`` are used.
+
+  Variables: ``mean``, ``var`` (``nnx.BatchStat``, float32, shape
+  ``(num_features,)``); ``scale``, ``bias`` (``nnx.Param`` in
+  ``param_dtype``, or ``None`` when ``use_scale`` / ``use_bias`` is False).
+  Only when the configuration needs them: ``count`` (``nnx.BatchStat``,
+  float32) with ``momentum=None`` or ``ema_warmup=True``, and ``step``
+  (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule.
+
+  ``use_fast_variance`` and ``promote_dtype`` are accepted for compatibility
+  and have no effect: the statistics are always two-pass in at least float32
+  (flax's one-pass default is wrong far from zero; results equal flax's with
+  ``use_fast_variance=False``), and the output has ``dtype`` if given, else
+  the input's dtype.
+
+  Args:
+    num_features: size of the feature axis (a tuple for several axes).
+    use_running_average: normalize with the stored statistics.
+    axis: the feature axis (int or tuple).
+    momentum: weight of the old running value, or ``None`` for the exact
+      cumulative average.
+    epsilon: added to the variance before the square root.
+    dtype: dtype of the output (default: the input's).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: learn ``bias`` (beta).
+    use_scale: learn ``scale`` (gamma).
+    bias_init: initializer of ``bias``.
+    scale_init: initializer of ``scale``.
+    axis_name: named axis the batch is split over (exact count-weighted merge).
+    axis_index_groups: subgroups of ``axis_name``.
+    use_fast_variance: no effect (see above).
+    promote_dtype: no effect (see above).
+    rngs: :class:`flax.nnx.Rngs` for the initializers.
+    bias_metadata: metadata of the ``bias`` Param.
+    scale_metadata: metadata of the ``scale`` Param.
+    ghost_batch_size: virtual batch size (Hoffer et al. 2017).
+    renorm: a :class:`jaxbn.Renorm` (Ioffe 2017).
+    ema_warmup: count-aware running average (see :func:`jaxbn.bn_train`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxbn import nnx as jbn
+    >>> bn = jbn.BatchNorm(2, rngs=nnx.Rngs(0))
+    >>> y = bn(jnp.array([[1.0, 10.0], [3.0, 30.0]]))  # training mode by default
+    >>> y.round(3)
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> [round(v, 4) for v in bn.mean[...].tolist()]
+    [0.02, 0.2]
+    >>> bn.eval()
+    >>> bn.use_running_average
+    True
+
+  References:
+    Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithms 1 and 2.
+  """
+
+  def __init__(
+    self,
+    num_features: int | Sequence[int],
+    *,
+    use_running_average: bool | None = False,
+    axis: int | Sequence[int] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = _ZEROS,
+    scale_init: Any = _ONES,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ghost_batch_size: int | None = None,
+    renorm: Renorm | None = None,
+    ema_warmup: bool = False,
+  ):
+    if isinstance(num_features, int):
+      shape = (num_features,)
+    else:
+      shape = tuple(num_features)
+    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+      raise ValueError(
+        f"BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
+      )
+    f32 = jnp.float32
+    self.mean = nnx.BatchStat(jnp.zeros(shape, f32))
+    self.var = nnx.BatchStat(jnp.ones(shape, f32))
+    self.count = nnx.data(
+      nnx.BatchStat(jnp.zeros(shape, f32)) if _needs_count(momentum, ema_warmup) else None
+    )
+    self.step = nnx.data(nnx.BatchStat(jnp.zeros((), jnp.int32)) if _needs_step(renorm) else None)
+    self.scale: nnx.Param | None
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    self.bias: nnx.Param | None
+    if use_bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+    else:
+      self.bias = nnx.data(None)
+
+    self.num_features = num_features
+    self.feature_shape = shape
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.ghost_batch_size = ghost_batch_size
+    self.renorm = renorm
+    self.ema_warmup = ema_warmup
+
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes ``x``; in training, updates ``mean`` and ``var`` in place.
+
+    Args:
+      x: floating input; any rank >= 1.
+      use_running_average: overrides the attribute (set by ``.train()`` /
+        ``.eval()``).
+      mask: boolean, True where a value counts toward the statistics (see
+        :func:`jaxbn.bn_train`); ignored with the running statistics.
+
+    Returns:
+      ``y`` with ``x``'s shape, in ``dtype`` (default ``x``'s dtype).
+    """
+    use_running_average = first_from(
+      use_running_average,
+      self.use_running_average,
+      error_msg=(
+        "No use_running_average was given to BatchNorm: pass it to the "
+        "constructor or the call, or use model.train() / model.eval()."
+      ),
+    )
+    shape = self.feature_shape
+    params = BNParams(
+      scale=self.scale[...] if self.scale is not None else jnp.ones(shape, self.param_dtype),
+      bias=self.bias[...] if self.bias is not None else jnp.zeros(shape, self.param_dtype),
+    )
+    # Entries this configuration does not store are never read by the core.
+    state = BNState(
+      mean=self.mean[...],
+      var=self.var[...],
+      count=self.count[...] if self.count is not None else jnp.zeros(shape, jnp.float32),
+      step=self.step[...] if self.step is not None else jnp.zeros((), jnp.int32),
+    )
+    if use_running_average:
+      y = bn_infer(params, state, x, epsilon=self.epsilon, axis=self.axis)
+    else:
+      y, new = bn_train(
+        params,
+        state,
+        x,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis=self.axis,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        ghost_batch_size=self.ghost_batch_size,
+        renorm=self.renorm,
+        ema_warmup=self.ema_warmup,
+      )
+      self.mean[...] = new.mean
+      self.var[...] = new.var
+      if self.count is not None:
+        self.count[...] = new.count
+      if self.step is not None:
+        self.step[...] = new.step
+    return y if self.dtype is None else y.astype(self.dtype)
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view`` (and ``.train()`` / ``.eval()``) to switch modes.
+
+    Args:
+      use_running_average: if given, the new value of the attribute.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
