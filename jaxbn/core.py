@@ -310,15 +310,11 @@ def _sum_to(t: Array, shape: tuple[int, ...]) -> Array:
 def _train_kernel(cfg: _Config):
   red = cfg.reduction_axes
 
-  def stats(x, w):
-    m = numerics.moments(x, red, mask=w, keepdims=True)
-    if cfg.axis_name is not None:
-      m = numerics.all_reduce(m, cfg.axis_name, cfg.axis_index_groups)
-    return m
-
   def forward(x, scale, bias, w, ref_mean, ref_var, rmax, dmax):
-    f32 = numerics.stat_dtype(x.dtype)
-    m = stats(x, w)
+    m = numerics.batch_moments(
+      x, red, mask=w, axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups
+    )
+    f32 = m.mean.dtype
     var = numerics.variance(m)
     rstd = jax.lax.rsqrt(var + cfg.epsilon)
     g = scale.astype(f32)
@@ -333,7 +329,9 @@ def _train_kernel(cfg: _Config):
       r = d = None
       a = g * rstd
       shift = bias.astype(f32)
-    y = ((x.astype(f32) - m.mean) * a + shift).astype(x.dtype)
+    # A copy of the mean of its own (see bwd) keeps x - mean out of memory.
+    mean_y = jax.lax.optimization_barrier(m.mean)
+    y = ((x.astype(f32) - mean_y) * a + shift).astype(x.dtype)
     return y, m, (x, w, m.mean, m.count, rstd, a, r, d, scale, bias)
 
   @jax.custom_vjp
@@ -346,13 +344,18 @@ def _train_kernel(cfg: _Config):
     return (y, m), res
 
   def bwd(res, cts):
-    x, w, mean, n, rstd, a, r, d, scale, bias = res
+    saved, w, mean, n, rstd, a, r, d, scale, bias = res
     dy = cts[0]  # the statistics carry no gradient (the state update is stop_gradient)
     f32 = mean.dtype
     dy32 = dy.astype(f32)
-    xhat = (x.astype(f32) - mean) * rstd
+    # Each full-size consumer of x - mean gets its own copy of the mean (a
+    # barrier stops XLA merging them), so every reduction fuses its own
+    # subtraction instead of reading x - mean back from memory: a full-size
+    # write costs several reads.
+    mean_s, mean_x = jax.lax.optimization_barrier((mean, mean))
+    x32 = saved.astype(f32)
     sdy = jnp.sum(dy32, red, keepdims=True)
-    sdyx = jnp.sum(dy32 * xhat, red, keepdims=True)
+    sdyx = jnp.sum(dy32 * (x32 - mean_s), red, keepdims=True) * rstd  # sum dy * xhat
     if cfg.renorm:
       dscale = r * sdyx + d * sdy
     else:
@@ -364,8 +367,8 @@ def _train_kernel(cfg: _Config):
       # (JAX sums them over devices, as it sums any replicated input's).
       sdy, sdyx = numerics.psum((sdy, sdyx), cfg.axis_name, cfg.axis_index_groups)
     coef = (1.0 if w is None else w) / jnp.where(n > 0, n, 1)
-    dx = (a * (dy32 - coef * (sdy + xhat * sdyx))).astype(x.dtype)
-    return dx, dscale, dbias, None, None, None, None, None
+    dx = a * (dy32 - coef * (sdy + (x32 - mean_x) * (rstd * sdyx)))
+    return dx.astype(dy.dtype), dscale, dbias, None, None, None, None, None
 
   kernel.defvjp(fwd, bwd)
   return kernel

@@ -56,18 +56,16 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
-def centred_moments(
+def batch_moments(
   x: Array,
   axes: Sequence[int],
   *,
   mask: Array | None = None,
   axis_name: Any = None,
   axis_index_groups: Any = None,
-) -> tuple[Moments, Array]:
-  """Two-pass moments of ``x`` over ``axes`` (kept, size 1), and ``x - mean``.
+) -> Moments:
+  """Two-pass moments of ``x`` over ``axes``, kept with size 1.
 
-  The centred values are returned because batch norm needs them again (for
-  the output and the gradient): computing them once saves a pass over memory.
   With ``axis_name`` the statistics are those of every shard together: the
   global count and mean first (one sum), then squared deviations from that
   global mean (a second sum), which is the same two-pass algorithm run on the
@@ -82,8 +80,7 @@ def centred_moments(
     axis_index_groups: optional subgroups of ``axis_name``.
 
   Returns:
-    ``(Moments, centred)``: moments with the reduced axes kept, in at least
-    float32, and ``x - mean`` in that dtype.
+    :class:`Moments` with the reduced axes kept, in at least float32.
   """
   axes = tuple(axes)
   dtype = stat_dtype(x.dtype)
@@ -102,12 +99,11 @@ def centred_moments(
   if axis_name is not None:
     count, total = psum((count, total), axis_name, axis_index_groups)
   mean = total / jnp.where(count > 0, count, 1)
-  centred = x - mean
-  sq = jnp.square(centred)
+  sq = jnp.square(x - mean)
   m2 = jnp.sum(sq if mask is None else sq * w, axes, keepdims=True)
   if axis_name is not None:
     m2 = psum(m2, axis_name, axis_index_groups)
-  return Moments(count, mean, m2), centred
+  return Moments(count, mean, m2)
 
 
 def moments(
@@ -136,7 +132,7 @@ def moments(
     >>> m.count, m.mean, numerics.variance(m)
     (Array([3.], dtype=float32), Array([3.], dtype=float32), Array([4.6666665], dtype=float32))
   """
-  m, _ = centred_moments(x, axes, mask=mask)
+  m = batch_moments(x, axes, mask=mask)
   if keepdims:
     return m
   return Moments(*(jnp.squeeze(t, tuple(axes)) for t in m))

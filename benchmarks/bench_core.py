@@ -1,0 +1,147 @@
+"""Speed of the core against flax.linen.BatchNorm, side by side in one process.
+
+Train step: ``jax.jit(jax.value_and_grad(sum(y * x)))`` with respect to scale,
+bias and x, running statistics threaded out. Inference: ``bn_infer`` against a
+plain copy of the same array (NumPy, and XLA under jit). Runs are interleaved
+(one of each in turn) and the median of ``--reps`` is reported, so both sides
+see the same machine load. Also reports compiled temporary memory and the
+output std on ``1e4 + N(0, 1)`` input (exactness far from zero).
+
+Usage:
+  python benchmarks/bench_core.py [--reps 30] [--shapes small|all] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbn
+
+SHAPES = [(256, 1024), (1024, 4096), (64, 32, 32, 64), (32, 56, 56, 128)]
+
+
+def _jaxbn_step(params, state):
+  def loss(p, x):
+    y, new_state = jaxbn.bn_train(p, state, x)
+    return jnp.sum(y * x), new_state
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _flax_step(module, stats):
+  def loss(p, x):
+    y, upd = module.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return jnp.sum(y * x), upd["batch_stats"]
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _time(fn, *args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def _temp_bytes(fn, *args) -> int | None:
+  try:
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  except Exception:  # some backends report no analysis
+    return None
+
+
+def _output_std_far_from_zero(train_fn, shape_c: int) -> float:
+  x = 1e4 + jax.random.normal(jax.random.key(0), (256, shape_c))
+  return float(jnp.max(jnp.abs(jnp.std(train_fn(x), 0) - 1))) + 1
+
+
+def bench(shape, reps: int) -> dict:
+  c = shape[-1]
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  params, state = jaxbn.bn_init(c)
+  module = nn.BatchNorm(use_running_average=False)
+  variables = module.init(jax.random.key(1), x[:2])
+  fparams, fstats = variables["params"], variables["batch_stats"]
+
+  ours = _jaxbn_step(params, state)
+  theirs = _flax_step(module, fstats)
+  infer = jax.jit(lambda x: jaxbn.bn_infer(params, state, x))
+  xla_copy = jax.jit(lambda x: x.copy())
+  x_np = np.asarray(x)
+
+  for fn, args in ((ours, (params, x)), (theirs, (fparams, x)), (infer, (x,)), (xla_copy, (x,))):
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  times = {k: [] for k in ("jaxbn", "flax", "infer", "xla_copy", "np_copy")}
+  for _ in range(reps):
+    times["flax"].append(_time(theirs, fparams, x))
+    times["jaxbn"].append(_time(ours, params, x))
+    times["infer"].append(_time(infer, x))
+    times["xla_copy"].append(_time(xla_copy, x))
+    t0 = time.perf_counter()
+    np.copy(x_np)
+    times["np_copy"].append(time.perf_counter() - t0)
+  med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+  std_ours = _output_std_far_from_zero(lambda x: jaxbn.bn_train(*jaxbn.bn_init(c), x)[0], c)
+  std_flax = _output_std_far_from_zero(
+      lambda x: module.apply(variables, x, mutable=["batch_stats"])[0], c
+  )
+  return {
+      "shape": shape,
+      **med,
+      "ratio": med["jaxbn"] / med["flax"],
+      "infer_vs_copy": med["infer"] / med["np_copy"],
+      "infer_vs_xla_copy": med["infer"] / med["xla_copy"],
+      "temp_jaxbn": _temp_bytes(ours, params, x),
+      "temp_flax": _temp_bytes(theirs, fparams, x),
+      "std_jaxbn": std_ours,
+      "std_flax": std_flax,
+  }
+
+
+def _mib(b):
+  return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--reps", type=int, default=30)
+  ap.add_argument("--shapes", choices=["small", "all"], default="all")
+  ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+  args = ap.parse_args()
+  shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
+  dev = jax.devices()[0]
+  print(
+      f"jax {jax.__version__}, flax {nn.__name__.split('.')[0]} "
+      f"on {dev.platform} ({dev.device_kind}), {platform.processor() or platform.machine()}, "
+      f"median of {args.reps} interleaved runs"
+  )
+  rows = [bench(s, args.reps) for s in shapes]
+  hdr = (
+      "| shape | jaxbn train (ms) | flax train (ms) | jaxbn/flax | bn_infer (ms) | "
+      "numpy copy (ms) | infer/copy | XLA copy (ms) | temp MiB jaxbn / flax | "
+      "std on 1e4+N(0,1): jaxbn / flax |"
+  )
+  print(hdr)
+  print("|" + "---|" * (hdr.count("|") - 1))
+  for r in rows:
+    print(
+        f"| {r['shape']} | {r['jaxbn']:.2f} | {r['flax']:.2f} | {r['ratio']:.2f} | "
+        f"{r['infer']:.2f} | {r['np_copy']:.2f} | {r['infer_vs_copy']:.2f} | "
+        f"{r['xla_copy']:.2f} | {_mib(r['temp_jaxbn'])} / {_mib(r['temp_flax'])} | "
+        f"{r['std_jaxbn']:.4f} / {r['std_flax']:.1f} |"
+    )
+  geo = math.exp(statistics.mean(math.log(r["ratio"]) for r in rows))
+  print(f"\ngeometric mean of jaxbn/flax train-step time: {geo:.2f}")
+
+
+if __name__ == "__main__":
+  main()
