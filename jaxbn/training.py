@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from flax.training import train_state as flax_train_state
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbn.core import BNParams
@@ -599,5 +600,14 @@ def data_parallel_train_step(
   def step(state, batch):
     return _train_step(state, batch, use_running_average, update_batch_stats, axis_name)
 
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=(P(), P()))
-  return jax.jit(sharded)
+  sharded = jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=(P(), P()))
+  )
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis_name))
+
+  def run(state, batch):
+    # Placing the arguments first (a no-op when they are already placed) also
+    # serves meshes with explicit axis types, which do not reshard implicitly.
+    return sharded(jax.device_put(state, replicated), jax.device_put(batch, split))
+
+  return run
