@@ -13,6 +13,8 @@ from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.core import renorm_schedule
 from jaxbn.folding import fold_bn
+from jaxbn.population import linen_population_stats
+from jaxbn.population import nnx_population_stats
 from jaxbn.population import population_stats
 
 __version__ = "0.1.0"
@@ -25,6 +27,8 @@ __all__ = (
   "bn_init",
   "bn_train",
   "fold_bn",
+  "linen_population_stats",
+  "nnx_population_stats",
   "numerics",
   "population_stats",
   "renorm_schedule",

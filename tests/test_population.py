@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+from jaxbn import data
 from tests.reference import bn_train_ref
 
 EPS = 1e-5
@@ -222,3 +223,186 @@ def test_recalibrated_layer_normalizes_the_training_set():
   p = params["bn1"]
   np.testing.assert_allclose(y.mean(0), p.bias, atol=1e-4)
   np.testing.assert_allclose(y.std(0), p.scale, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Models of jaxbn.models (linen, nnx, plain JAX) against a float64 NumPy forward.
+
+
+def _digits_batches(sizes=(96, 64, 40), image=True):
+  ds = data.load_digits()
+  x = ds.x_train if image else ds.flat().x_train
+  out, start = [], 0
+  for n in sizes:
+    out.append(x[start : start + n])
+    start += n
+  return out
+
+
+def _bn_ref(h, scale, bias):
+  c = h.shape[-1]
+  y, _, _ = bn_train_ref(h, scale, bias, np.zeros(c), np.ones(c), epsilon=EPS)
+  return y
+
+
+def _mlp_acts_ref(kernels, bns, head_unused, x):
+  """Inputs of each BN layer of a sigmoid MLP, one batch, training mode."""
+  h, acts = np.asarray(x, np.float64).reshape(len(x), -1), []
+  for k, (scale, bias) in zip(kernels, bns, strict=True):
+    z = h @ np.asarray(k, np.float64)
+    acts.append(z)
+    h = 1 / (1 + np.exp(-_bn_ref(z, scale, bias)))
+  return acts
+
+
+def _conv_ref(x, k):
+  """3x3 SAME convolution, NHWC / HWIO, float64."""
+  n, hh, ww, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((n, hh, ww, k.shape[-1]))
+  for i in range(3):
+    for j in range(3):
+      out += np.einsum("nhwc,cd->nhwd", xp[:, i : i + hh, j : j + ww], k[i, j])
+  return out
+
+
+def _cnn_acts_ref(kernels, bns, x):
+  h, acts = np.asarray(x, np.float64), []
+  for k, (scale, bias) in zip(kernels, bns, strict=True):
+    z = _conv_ref(h, np.asarray(k, np.float64))
+    acts.append(z.reshape(-1, z.shape[-1]))
+    y = np.maximum(_bn_ref(z, scale, bias), 0)
+    n, hh, ww, c = y.shape
+    h = y.reshape(n, hh // 2, 2, ww // 2, 2, c).max((2, 4))
+  return acts
+
+
+def _check(got_means, got_vars, acts_per_batch):
+  for i, (mean, var) in enumerate(zip(got_means, got_vars, strict=True)):
+    allx = np.concatenate([a[i] for a in acts_per_batch])
+    np.testing.assert_allclose(mean, allx.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var, allx.var(0), rtol=1e-4, atol=1e-7)
+
+
+def _linen_refs(variables, batches, cnn):
+  p = variables["params"]
+  n = len([k for k in p if k.startswith("BatchNorm_")])
+  layer = "Conv" if cnn else "Dense"
+  kernels = [p[f"{layer}_{i}"]["kernel"] for i in range(n)]
+  bns = [(p[f"BatchNorm_{i}"]["scale"], p[f"BatchNorm_{i}"]["bias"]) for i in range(n)]
+  if cnn:
+    return n, [_cnn_acts_ref(kernels, bns, x) for x in batches]
+  return n, [_mlp_acts_ref(kernels, bns, None, x) for x in batches]
+
+
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_linen_models_get_exact_statistics_for_every_layer(cnn):
+  from jaxbn.models import CNN
+  from jaxbn.models import MLP
+
+  # A model trained with EMA options: population_stats overrides them.
+  opts = dict(momentum=0.9, renorm=jaxbn.renorm_schedule(), ema_warmup=True)
+  model = CNN(features=(4, 6), **opts) if cnn else MLP(features=(16, 12), **opts)
+  batches = _digits_batches(image=True)
+  variables = model.init(jax.random.key(0), batches[0], train=False)
+  variables["params"] = jax.tree.map(lambda t: t * 1.3, variables["params"])  # not the init
+  got = jaxbn.linen_population_stats(model, variables, batches, train=True, progress=False)
+  n, acts = _linen_refs(variables, batches, cnn)
+  stats = got["batch_stats"]
+  _check(
+    [stats[f"BatchNorm_{i}"]["mean"] for i in range(n)],
+    [stats[f"BatchNorm_{i}"]["var"] for i in range(n)],
+    acts,
+  )
+  assert jax.tree.structure(got) == jax.tree.structure(variables)
+  total = sum(len(a[0]) for a in acts)  # examples, times positions for the CNN
+  count = stats["BatchNorm_0"]["count"]
+  np.testing.assert_array_equal(count, np.full(count.shape, total))
+  jax.tree.map(np.testing.assert_array_equal, got["params"], variables["params"])
+
+
+def test_linen_paper_estimator_and_inference_with_the_new_statistics():
+  from jaxbn.models import MLP
+
+  model = MLP(features=(16,))
+  batches = _digits_batches(sizes=(50, 50, 50), image=False)
+  variables = model.init(jax.random.key(0), batches[0], train=False)
+  got = jaxbn.linen_population_stats(
+    model, variables, batches, estimator="paper", train=False, progress=False
+  )
+  _, acts = _linen_refs(variables, batches, cnn=False)
+  mus = np.stack([a[0].mean(0) for a in acts])
+  vs = np.stack([a[0].var(0, ddof=1) for a in acts])
+  bs = got["batch_stats"]["BatchNorm_0"]
+  np.testing.assert_allclose(bs["mean"], mus.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(bs["var"], vs.mean(0), rtol=1e-4, atol=1e-7)
+  assert set(bs) == {"mean", "var"}  # a default layer keeps flax's tree
+
+
+def test_linen_model_with_flax_batchnorm_is_refused():
+  import flax.linen as nn
+
+  class FlaxBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      return nn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+
+  model = FlaxBN()
+  x = jnp.ones((4, 2))
+  variables = model.init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"jaxbn.linen.BatchNorm"):
+    jaxbn.linen_population_stats(model, variables, [x], train=True, progress=False)
+
+
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_nnx_models_get_exact_statistics_for_every_layer(cnn):
+  from flax import nnx
+
+  from jaxbn.models import NNXCNN
+  from jaxbn.models import NNXMLP
+
+  rngs = nnx.Rngs(0)
+  if cnn:
+    model = NNXCNN(1, features=(4, 6), momentum=0.9, rngs=rngs)
+    layers = model.conv
+  else:
+    model = NNXMLP(64, features=(16, 12), momentum=0.9, ema_warmup=True, rngs=rngs)
+    layers = model.dense
+  model.eval()  # the mode the model is left in does not matter
+  for bn in model.bn:
+    bn.scale[...] = bn.scale[...] * 1.5
+  batches = _digits_batches(image=True)
+  jaxbn.nnx_population_stats(model, batches, progress=False)
+  kernels = [layer.kernel[...] for layer in layers]
+  bns = [(bn.scale[...], bn.bias[...]) for bn in model.bn]
+  ref = _cnn_acts_ref if cnn else functools.partial(_mlp_acts_ref, head_unused=None)
+  acts = [ref(kernels, bns, x=x) for x in batches]
+  _check([bn.mean[...] for bn in model.bn], [bn.var[...] for bn in model.bn], acts)
+  assert model.bn[0].use_running_average is True  # the model itself was not switched
+
+
+def test_nnx_forced_evaluation_mode_is_refused():
+  from flax import nnx
+
+  from jaxbn.models import NNXMLP
+
+  model = NNXMLP(64, features=(8,), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="inference forward"):
+    jaxbn.nnx_population_stats(model, _digits_batches(image=False), train=False, progress=False)
+
+
+def test_plain_jax_models_through_population_stats():
+  from jaxbn.models import apply_mlp
+  from jaxbn.models import init_mlp
+
+  params, states = init_mlp(jax.random.key(0), 64, (16, 12))
+
+  def forward(params, states, x, **bn_kwargs):
+    return apply_mlp(params, states, x, train=True, **bn_kwargs)
+
+  batches = _digits_batches(image=False)
+  got = jaxbn.population_stats(forward, params, states, batches, progress=False)
+  kernels = [layer["kernel"] for layer in params["hidden"]]
+  bns = [(layer["bn"].scale, layer["bn"].bias) for layer in params["hidden"]]
+  acts = [_mlp_acts_ref(kernels, bns, None, x) for x in batches]
+  _check([s.mean for s in got], [s.var for s in got], acts)
