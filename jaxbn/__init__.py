@@ -13,6 +13,9 @@ from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.core import renorm_schedule
 from jaxbn.folding import fold_bn
+from jaxbn.folding import fold_linen
+from jaxbn.folding import fold_nnx
+from jaxbn.folding import fold_params
 from jaxbn.population import linen_population_stats
 from jaxbn.population import nnx_population_stats
 from jaxbn.population import population_stats
@@ -27,6 +30,9 @@ __all__ = (
   "bn_init",
   "bn_train",
   "fold_bn",
+  "fold_linen",
+  "fold_nnx",
+  "fold_params",
   "linen_population_stats",
   "nnx_population_stats",
   "numerics",

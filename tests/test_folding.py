@@ -92,3 +92,92 @@ def test_mismatched_shapes_are_named():
     jaxbn.fold_bn(jnp.ones((3, 4)), jnp.ones(3), params, state)
   with pytest.raises(TypeError, match="floating"):
     jaxbn.fold_bn(jnp.ones((3, 4), jnp.int32), None, params, state)
+
+
+# --------------------------------------------------------------------------
+# Whole models of jaxbn.models.
+
+
+def _perturb_bn(tree, seed):
+  """Non-trivial scale, bias, mean and var for every batch norm of a variables tree."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, t):
+    name = jax.tree_util.keystr(path)
+    in_bn = "BatchNorm" in name or "'bn'" in name or name.endswith((".mean", ".var"))
+    if not in_bn or "count" in name or "step" in name:
+      return t
+    if "var" in name or "scale" in name:
+      return jnp.asarray(rng.uniform(0.3, 3.0, t.shape), t.dtype)
+    return jnp.asarray(rng.normal(size=t.shape), t.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _close(got, want):
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_fold_linen_model_gives_the_same_inference_output(cnn):
+  from jaxbn.models import CNN
+  from jaxbn.models import MLP
+
+  model = CNN(features=(4, 6)) if cnn else MLP(features=(16, 12), epsilon=1e-3)
+  x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+  variables = _perturb_bn(model.init(jax.random.key(1), x, train=False), 2)
+  assert float(jnp.abs(variables["batch_stats"]["BatchNorm_1"]["mean"]).max()) > 0
+  folded, folded_vars = jaxbn.fold_linen(model, variables)
+  assert not folded.use_bn and set(folded_vars) == {"params"}
+  assert not any("BatchNorm" in k for k in folded_vars["params"])
+  _close(folded.apply(folded_vars, x, train=False), model.apply(variables, x, train=False))
+
+
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_fold_nnx_model_gives_the_same_inference_output(cnn):
+  from flax import nnx
+
+  from jaxbn.models import NNXCNN
+  from jaxbn.models import NNXMLP
+
+  rngs = nnx.Rngs(0)
+  model = NNXCNN(1, features=(4, 6), rngs=rngs) if cnn else NNXMLP(64, (16, 12), rngs=rngs)
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, _perturb_bn(state, 3))
+  x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+  assert float(jnp.abs(model.bn[1].mean[...]).max()) > 0
+  folded = jaxbn.fold_nnx(model)
+  assert not folded.use_bn and len(folded.bn) == 0 and model.use_bn  # a copy
+  _close(folded(x), model(x, train=False))
+
+
+@pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
+def test_fold_params_of_plain_jax_models(cnn):
+  from jaxbn import models
+
+  x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+  if cnn:
+    params, state = models.init_cnn(jax.random.key(1), 1, (4, 6))
+    apply = models.apply_cnn
+  else:
+    params, state = models.init_mlp(jax.random.key(1), 64, (16, 12))
+    apply = models.apply_mlp
+  params, state = _perturb_bn((params, state), 4)
+  assert float(jnp.abs(state[0].mean).max()) > 0  # not the initial statistics
+  folded = jaxbn.fold_params(params, state)
+  want, _ = apply(params, state, x, train=False)
+  got, _ = apply(folded, (), x, train=False)
+  _close(got, want)
+
+
+def test_folding_refuses_models_it_does_not_know():
+  import flax.linen as nn
+
+  from jaxbn.models import MLP
+
+  with pytest.raises(TypeError, match=r"jaxbn\.models\.MLP or CNN"):
+    jaxbn.fold_linen(nn.Dense(3), {})
+  with pytest.raises(ValueError, match="use_bn=False"):
+    jaxbn.fold_linen(MLP(use_bn=False), {})
+  with pytest.raises(ValueError, match="'hidden'"):
+    jaxbn.fold_params({"layers": []}, ())
