@@ -1,0 +1,186 @@
+"""`jaxbn reproduce`: results.json, figures and table from one command; MNIST from user files."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxbn import cli
+from jaxbn import experiments
+
+TINY = ["--steps", "4", "--seeds", "0", "--eval-every", "2", "--no-progress"]
+RUN_KEYS = {
+  "lr",
+  "seed",
+  "diverged",
+  "test_accuracy",
+  "percentiles",
+  "steps_to_target",
+  "accuracy_running_average",
+  "accuracy_population",
+}
+
+
+def _check_network(net, steps, eval_every, n_runs):
+  assert net["eval_steps"] == [0, *range(eval_every, steps + 1, eval_every)]
+  assert len(net["runs"]) == n_runs
+  for run in net["runs"]:
+    assert set(run) == RUN_KEYS
+    acc = np.array(run["test_accuracy"])
+    assert acc.shape == (len(net["eval_steps"]),)
+    assert np.all((acc >= 0) & (acc <= 1))
+    # The final accuracy is the last point of the curve; the target step is its first crossing.
+    assert run["accuracy_running_average"] == run["test_accuracy"][-1]
+    hits = [s for s, a in zip(net["eval_steps"], acc, strict=True) if a >= 0.9]
+    assert run["steps_to_target"] == (hits[0] if hits else None)
+    pct = np.array(run["percentiles"])
+    assert pct.shape == (len(net["eval_steps"]), 3)
+    assert np.all(pct[:, 0] <= pct[:, 1]) and np.all(pct[:, 1] <= pct[:, 2])
+    if net["use_bn"]:
+      assert 0 <= run["accuracy_population"] <= 1
+    else:
+      assert run["accuracy_population"] is None
+
+
+def test_reproduce_on_a_tiny_budget_writes_results_and_figures(tmp_path, capsys):
+  out = tmp_path / "out"
+  args = ["reproduce", "--out", str(out), *TINY, "--lrs", "0.5", "2", "--activations", "sigmoid"]
+  assert cli.main([*args, "--model", "mlp"]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert set(results) == {"config", "dataset", "networks", "summary"}
+  assert results["dataset"] == {
+    "name": "digits",
+    "train": 1347,
+    "test": 450,
+    "image_shape": [8, 8, 1],
+  }
+  assert results["config"]["fig1_lr"] == 2.0
+  names = [n["name"] for n in results["networks"]]
+  assert names == ["mlp-sigmoid-plain", "mlp-sigmoid-BN"]
+  for net in results["networks"]:
+    _check_network(net, steps=4, eval_every=2, n_runs=2)
+  summary = {(r["network"], r["lr"]): r for r in results["summary"]}
+  assert set(summary) == {(n, lr) for n in names for lr in (0.5, 2.0)}
+  for (name, lr), row in summary.items():
+    runs = [r for n in results["networks"] if n["name"] == name for r in n["runs"] if r["lr"] == lr]
+    assert row["accuracy"] == pytest.approx(np.mean([r["accuracy_running_average"] for r in runs]))
+  for png in ("fig1a.png", "fig1b.png", "fig1c.png", "fig1.png", "lr_sweep.png"):
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  printed = capsys.readouterr().out
+  assert "| mlp-sigmoid | 0.5 |" in printed and "| mlp-sigmoid | 2 |" in printed
+  assert "results.json" in printed
+
+
+def test_vectorized_runs_match_runs_one_by_one():
+  # vmap over (lr, seed) runs must give what training each run alone gives.
+  ds = experiments.load_data(experiments.Config())[0].flat()
+  common = dict(steps=6, eval_every=3, batch_size=60, target=0.5, progress=False)
+  net = experiments._mlp_net(64, "sigmoid", True, 0.05)
+  together = experiments._train_net(net, ds, (0.5, 2.0), (1,), **common)
+  one_by_one = experiments._train_net(
+    dataclasses.replace(net, vectorize=False), ds, (0.5, 2.0), (1,), **common
+  )
+  for a, b in zip(together["runs"], one_by_one["runs"], strict=True):
+    assert (a["lr"], a["seed"]) == (b["lr"], b["seed"])
+    np.testing.assert_allclose(a["test_accuracy"], b["test_accuracy"], atol=1e-3)
+    np.testing.assert_allclose(a["percentiles"], b["percentiles"], rtol=1e-3, atol=1e-3)
+    assert a["accuracy_population"] == pytest.approx(b["accuracy_population"], abs=1e-3)
+  # Different rates train differently (the runs are not one run repeated).
+  assert together["runs"][0]["percentiles"] != together["runs"][1]["percentiles"]
+
+
+def test_batches_are_shuffled_epochs():
+  idx = experiments._batch_indices(3, n=130, steps=5, batch_size=60)
+  assert idx.shape == (5, 60)
+  # Two batches per epoch (10 examples dropped): each epoch visits 120 distinct examples.
+  for epoch in (idx[0:2], idx[2:4]):
+    assert len(np.unique(epoch)) == 120
+  assert not np.array_equal(idx[0], idx[2])
+
+
+def _write_mnist_npz(path, n_train=64, n_test=32):
+  rng = np.random.default_rng(0)
+  np.savez(
+    path,
+    x_train=rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+    y_train=rng.integers(0, 10, n_train).astype(np.uint8),
+    x_test=rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+    y_test=rng.integers(0, 10, n_test).astype(np.uint8),
+  )
+
+
+def test_mnist_npz_runs_the_28x28_experiment(tmp_path):
+  _write_mnist_npz(tmp_path / "mnist.npz")
+  out = tmp_path / "out"
+  args = ["reproduce", "--data", str(tmp_path / "mnist.npz"), "--out", str(out), *TINY]
+  assert cli.main([*args, "--model", "mlp", "--activations", "sigmoid", "--lrs", "0.1"]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["dataset"] == {
+    "name": "mnist",
+    "train": 64,
+    "test": 32,
+    "image_shape": [28, 28, 1],
+  }
+  for net in results["networks"]:
+    _check_network(net, steps=4, eval_every=2, n_runs=1)
+
+
+def test_mnist_idx_files_run_the_cnn(tmp_path):
+  rng = np.random.default_rng(1)
+  arrays = {
+    "train-images-idx3-ubyte": rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+    "train-labels-idx1-ubyte": rng.integers(0, 10, 64).astype(np.uint8),
+    "t10k-images-idx3-ubyte": rng.integers(0, 256, (16, 28, 28), dtype=np.uint8),
+    "t10k-labels-idx1-ubyte": rng.integers(0, 10, 16).astype(np.uint8),
+  }
+  for name, a in arrays.items():
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    (tmp_path / name).write_bytes(header + a.tobytes())
+  out = tmp_path / "out"
+  args = ["reproduce", "--dataset", "mnist", "--data", str(tmp_path), "--out", str(out), *TINY]
+  assert cli.main([*args, "--model", "cnn", "--cnn-steps", "2", "--cnn-lrs", "0.1"]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["dataset"]["image_shape"] == [28, 28, 1]
+  assert [n["name"] for n in results["networks"]] == ["cnn-relu-plain", "cnn-relu-BN"]
+  assert (out / "cnn.png").exists()
+
+
+@pytest.mark.parametrize(
+  ("extra", "message"),
+  [
+    (["--data", "{tmp}/missing.npz"], r"missing\.npz' does not exist; expected a Keras-layout"),
+    (["--data", "{tmp}/bad.npz"], r"cannot read .*bad\.npz' as an \.npz archive"),
+    (["--dataset", "mnist"], r"dataset 'mnist' needs data=PATH"),
+    (["--dataset", "digits", "--data", "{tmp}/bad.npz"], r"--data is for --dataset mnist"),
+    (["--lrs", "0.1", "-1"], r"lrs must be positive finite learning rates, got \[-1\.0\]"),
+    (["--lrs", "0.1", "--fig1-lr", "2"], r"fig1_lr=2\.0 must be one of lrs=\[0\.1\]"),
+    (["--steps", "0"], r"steps must be a positive integer, got 0"),
+  ],
+)
+def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, extra, message):
+  (tmp_path / "bad.npz").write_bytes(b"not an archive")
+  extra = [a.format(tmp=tmp_path) for a in extra]
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["reproduce", "--out", str(tmp_path / "out"), *extra])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "usage: jaxbn reproduce" in err
+  assert re.search(message, err), err
+  assert not (tmp_path / "out").exists()
+
+
+def test_python_dash_m_jaxbn_is_the_command_line():
+  proc = subprocess.run(
+    [sys.executable, "-m", "jaxbn", "reproduce", "--help"],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "--data PATH" in proc.stdout and "--no-progress" in proc.stdout
