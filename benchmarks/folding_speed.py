@@ -1,0 +1,97 @@
+"""Inference speed of a model with batch norm against the same model folded.
+
+For the linen MLP and CNN of :mod:`jaxbn.models`, times ``jax.jit`` inference
+(``apply(..., train=False)``: Dense/Conv, then ``bn_infer``) against the folded
+model of :func:`jaxbn.fold_linen` (Dense/Conv with a bias, no batch norm).
+Runs are interleaved (one of each in turn) and the median of ``--reps`` is
+reported, so both sides see the same machine load. Also checks that the two
+outputs agree.
+
+Usage:
+  python benchmarks/folding_speed.py [--reps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+import jaxbn
+from jaxbn.models import CNN
+from jaxbn.models import MLP
+
+CASES = [
+  # name, model, input shape
+  ("MLP 64-100-100-100-10, sigmoid, batch 1024", MLP(features=(100, 100, 100)), (1024, 64)),
+  ("MLP 784-100-100-100-10, sigmoid, batch 1024", MLP(features=(100, 100, 100)), (1024, 784)),
+  ("CNN 32-64 on 8x8x1, batch 256", CNN(features=(32, 64)), (256, 8, 8, 1)),
+  ("CNN 32-64 on 28x28x1, batch 256", CNN(features=(32, 64)), (256, 28, 28, 1)),
+]
+
+
+def _time(fn, *args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def _calibrated(model, variables, x, seed: int):
+  """Non-trivial batch-norm parameters, and statistics of the input ``x``."""
+  rng = np.random.default_rng(seed)
+
+  def perturb(path, t):
+    if "BatchNorm" not in jax.tree_util.keystr(path):
+      return t
+    return t + np.asarray(rng.uniform(0.5, 1.0, t.shape), np.float32)
+
+  variables = {
+    **variables,
+    "params": jax.tree_util.tree_map_with_path(perturb, variables["params"]),
+  }
+  return jaxbn.linen_population_stats(model, variables, [x], train=True, progress=False)
+
+
+def run(reps: int) -> list[dict]:
+  rows = []
+  for name, model, shape in CASES:
+    x = jax.random.uniform(jax.random.key(0), shape)
+    variables = _calibrated(model, model.init(jax.random.key(1), x, train=False), x, 0)
+    folded, folded_vars = jaxbn.fold_linen(model, variables)
+    with_bn = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+    without = jax.jit(lambda v, x, m=folded: m.apply(v, x, train=False))
+    a, b = with_bn(variables, x), without(folded_vars, x)  # compile
+    err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(a))))
+    t_bn, t_fold = [], []
+    for _ in range(reps):
+      t_bn.append(_time(with_bn, variables, x))
+      t_fold.append(_time(without, folded_vars, x))
+    m_bn, m_fold = statistics.median(t_bn), statistics.median(t_fold)
+    rows.append(
+      dict(name=name, bn_ms=1e3 * m_bn, folded_ms=1e3 * m_fold, speedup=m_bn / m_fold, err=err)
+    )
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=50)
+  args = parser.parse_args()
+  rows = run(args.reps)
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {platform.processor() or ''}")
+  print(f"median of {args.reps} interleaved runs, jit, float32\n")
+  print("| model, input | with batch norm | folded | speed-up | max rel. difference |")
+  print("|---|---|---|---|---|")
+  for r in rows:
+    print(
+      f"| {r['name']} | {r['bn_ms']:.3f} ms | {r['folded_ms']:.3f} ms | "
+      f"{r['speedup']:.2f}x | {r['err']:.1e} |"
+    )
+
+
+if __name__ == "__main__":
+  main()
