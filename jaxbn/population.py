@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -105,6 +106,33 @@ def _check_forward(fn: str, probes, new_a, new_b) -> None:
         f"forward(params, states, x, **bn_kwargs) and call "
         f"bn_train(..., **bn_kwargs)."
       )
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(forward: Callable[..., Any], treedef: Any):
+  """The jitted per-batch functions, cached so repeated calls do not recompile."""
+  fn = "population_stats"
+
+  @jax.jit
+  def batch_states(params, probes, x):
+    _, new = forward(params, jax.tree.unflatten(treedef, probes), x, **_OVERRIDES)
+    new_leaves, new_def = jax.tree.flatten(new, is_leaf=_is_state)
+    if new_def != treedef:
+      raise ValueError(
+        f"{fn}: the forward function returned states with structure {new_def}, "
+        f"expected the structure of the states given, {treedef}."
+      )
+    return new_leaves
+
+  @jax.jit
+  def accumulate(acc, new_leaves):
+    exact, average = acc
+    moms = [_as_moments(s) for s in new_leaves]
+    exact = [numerics.merge(a, m) for a, m in zip(exact, moms, strict=True)]
+    average = [numerics.batch_average_add(a, m) for a, m in zip(average, moms, strict=True)]
+    return exact, average
+
+  return batch_states, accumulate
 
 
 def population_stats(
@@ -197,24 +225,10 @@ def population_stats(
     raise ValueError(f"{fn}: estimator must be one of {ESTIMATORS}, got {estimator!r}.")
   leaves, treedef = _flatten_states(fn, states)
 
-  @jax.jit
-  def batch_states(params, probes, x):
-    _, new = forward(params, jax.tree.unflatten(treedef, probes), x, **_OVERRIDES)
-    new_leaves, new_def = jax.tree.flatten(new, is_leaf=_is_state)
-    if new_def != treedef:
-      raise ValueError(
-        f"{fn}: the forward function returned states with structure {new_def}, "
-        f"expected the structure of the states given, {treedef}."
-      )
-    return new_leaves
-
-  @jax.jit
-  def accumulate(acc, new_leaves):
-    exact, average = acc
-    moms = [_as_moments(s) for s in new_leaves]
-    exact = [numerics.merge(a, m) for a, m in zip(exact, moms, strict=True)]
-    average = [numerics.batch_average_add(a, m) for a, m in zip(average, moms, strict=True)]
-    return exact, average
+  try:
+    batch_states, accumulate = _compiled(forward, treedef)
+  except TypeError:  # an unhashable callable: compile for this call only
+    batch_states, accumulate = _compiled.__wrapped__(forward, treedef)
 
   probes = [_probe(s, 1.0) for s in leaves]
   zero = [numerics.Moments(*(jnp.zeros_like(s.mean) for _ in range(3))) for s in leaves]

@@ -406,3 +406,17 @@ def test_plain_jax_models_through_population_stats():
   bns = [(layer["bn"].scale, layer["bn"].bias) for layer in params["hidden"]]
   acts = [_mlp_acts_ref(kernels, bns, None, x) for x in batches]
   _check([s.mean for s in got], [s.var for s in got], acts)
+
+
+def test_repeated_calls_do_not_recompile_the_forward():
+  params, states = _params()
+  traces = []
+
+  def counting_forward(params, states, x, **bn_kwargs):
+    traces.append(1)
+    return forward(params, states, x, **bn_kwargs)
+
+  batches = _batches([8, 8, 8])
+  for _ in range(3):
+    jaxbn.population_stats(counting_forward, params, states, batches, progress=False)
+  assert len(traces) == 1
