@@ -81,6 +81,17 @@ class TrainState(flax_train_state.TrainState):
 
   batch_stats: Any = None
 
+  def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
+    """One optimizer update (``step + 1``); ``kwargs`` replace other fields.
+
+    optax's own code (e.g. Adam's bias correction ``decay**count``) mixes
+    Python floats with int32 arrays, which ``jax_numpy_dtype_promotion=
+    'strict'`` rejects; the update runs under standard promotion so that
+    a strict configuration elsewhere does not break the optimizer.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+      return super().apply_gradients(grads=grads, **kwargs)
+
 
 def create_train_state(
   model: Any,
