@@ -4,7 +4,11 @@ The core is ``bn_init``, ``bn_train`` and ``bn_infer`` (see :mod:`jaxbn.core`);
 statistics and their exact merges live in :mod:`jaxbn.numerics`.
 """
 
+from jaxbn import linen
+from jaxbn import models
+from jaxbn import nnx
 from jaxbn import numerics
+from jaxbn import training
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -19,6 +23,12 @@ from jaxbn.folding import fold_params
 from jaxbn.population import linen_population_stats
 from jaxbn.population import nnx_population_stats
 from jaxbn.population import population_stats
+from jaxbn.training import TrainState
+from jaxbn.training import bn_weight_decay_mask
+from jaxbn.training import create_train_state
+from jaxbn.training import eval_step
+from jaxbn.training import fit
+from jaxbn.training import train_step
 
 __version__ = "0.1.0"
 
@@ -26,16 +36,26 @@ __all__ = (
   "BNParams",
   "BNState",
   "Renorm",
+  "TrainState",
   "bn_infer",
   "bn_init",
   "bn_train",
+  "bn_weight_decay_mask",
+  "create_train_state",
+  "eval_step",
+  "fit",
   "fold_bn",
   "fold_linen",
   "fold_nnx",
   "fold_params",
+  "linen",
   "linen_population_stats",
+  "models",
+  "nnx",
   "nnx_population_stats",
   "numerics",
   "population_stats",
   "renorm_schedule",
+  "train_step",
+  "training",
 )
