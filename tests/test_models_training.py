@@ -404,3 +404,8 @@ def test_data_parallel_equals_single_device_on_the_global_batch(kind):
   _tree_allclose(parallel.params, single.params, atol=1e-5, rtol=1e-5)
   _tree_allclose(parallel.batch_stats, single.batch_stats, atol=1e-5, rtol=1e-5)
   assert int(parallel.step) == 3
+  # fit drives the data-parallel step like any other.
+  parallel, history = training.fit(
+    parallel, x, y, batch_size=len(x), steps=1, step_fn=step, progress=False
+  )
+  assert int(parallel.step) == 4 and np.isfinite(history["loss"][0])
