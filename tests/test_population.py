@@ -420,3 +420,19 @@ def test_repeated_calls_do_not_recompile_the_forward():
   for _ in range(3):
     jaxbn.population_stats(counting_forward, params, states, batches, progress=False)
   assert len(traces) == 1
+
+
+def test_batches_sharded_over_a_mesh_under_jit():
+  from jax.sharding import NamedSharding
+
+  params, states = _params()
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  batches = _batches([16, 32], seed=6)
+  sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in batches]
+  assert len(sharded[0].sharding.device_set) == 8
+  got = jaxbn.population_stats(forward, params, states, sharded, progress=False)
+  acts = [_activations_ref(params, x) for x in batches]
+  for name in ("bn1", "bn2"):
+    allx = np.concatenate([a[name] for a in acts])
+    np.testing.assert_allclose(got[name].mean, allx.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[name].var, allx.var(0), rtol=1e-5)
