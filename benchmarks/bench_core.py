@@ -92,18 +92,18 @@ def bench(shape, reps: int) -> dict:
 
   std_ours = _output_std_far_from_zero(lambda x: jaxbn.bn_train(*jaxbn.bn_init(c), x)[0], c)
   std_flax = _output_std_far_from_zero(
-      lambda x: module.apply(variables, x, mutable=["batch_stats"])[0], c
+    lambda x: module.apply(variables, x, mutable=["batch_stats"])[0], c
   )
   return {
-      "shape": shape,
-      **med,
-      "ratio": med["jaxbn"] / med["flax"],
-      "infer_vs_copy": med["infer"] / med["np_copy"],
-      "infer_vs_xla_copy": med["infer"] / med["xla_copy"],
-      "temp_jaxbn": _temp_bytes(ours, params, x),
-      "temp_flax": _temp_bytes(theirs, fparams, x),
-      "std_jaxbn": std_ours,
-      "std_flax": std_flax,
+    "shape": shape,
+    **med,
+    "ratio": med["jaxbn"] / med["flax"],
+    "infer_vs_copy": med["infer"] / med["np_copy"],
+    "infer_vs_xla_copy": med["infer"] / med["xla_copy"],
+    "temp_jaxbn": _temp_bytes(ours, params, x),
+    "temp_flax": _temp_bytes(theirs, fparams, x),
+    "std_jaxbn": std_ours,
+    "std_flax": std_flax,
   }
 
 
@@ -120,24 +120,24 @@ def main():
   shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
   dev = jax.devices()[0]
   print(
-      f"jax {jax.__version__}, flax {nn.__name__.split('.')[0]} "
-      f"on {dev.platform} ({dev.device_kind}), {platform.processor() or platform.machine()}, "
-      f"median of {args.reps} interleaved runs"
+    f"jax {jax.__version__}, flax {nn.__name__.split('.')[0]} "
+    f"on {dev.platform} ({dev.device_kind}), {platform.processor() or platform.machine()}, "
+    f"median of {args.reps} interleaved runs"
   )
   rows = [bench(s, args.reps) for s in shapes]
   hdr = (
-      "| shape | jaxbn train (ms) | flax train (ms) | jaxbn/flax | bn_infer (ms) | "
-      "numpy copy (ms) | infer/copy | XLA copy (ms) | temp MiB jaxbn / flax | "
-      "std on 1e4+N(0,1): jaxbn / flax |"
+    "| shape | jaxbn train (ms) | flax train (ms) | jaxbn/flax | bn_infer (ms) | "
+    "numpy copy (ms) | infer/copy | XLA copy (ms) | temp MiB jaxbn / flax | "
+    "std on 1e4+N(0,1): jaxbn / flax |"
   )
   print(hdr)
   print("|" + "---|" * (hdr.count("|") - 1))
   for r in rows:
     print(
-        f"| {r['shape']} | {r['jaxbn']:.2f} | {r['flax']:.2f} | {r['ratio']:.2f} | "
-        f"{r['infer']:.2f} | {r['np_copy']:.2f} | {r['infer_vs_copy']:.2f} | "
-        f"{r['xla_copy']:.2f} | {_mib(r['temp_jaxbn'])} / {_mib(r['temp_flax'])} | "
-        f"{r['std_jaxbn']:.4f} / {r['std_flax']:.1f} |"
+      f"| {r['shape']} | {r['jaxbn']:.2f} | {r['flax']:.2f} | {r['ratio']:.2f} | "
+      f"{r['infer']:.2f} | {r['np_copy']:.2f} | {r['infer_vs_copy']:.2f} | "
+      f"{r['xla_copy']:.2f} | {_mib(r['temp_jaxbn'])} / {_mib(r['temp_flax'])} | "
+      f"{r['std_jaxbn']:.4f} / {r['std_flax']:.1f} |"
     )
   geo = math.exp(statistics.mean(math.log(r["ratio"]) for r in rows))
   print(f"\ngeometric mean of jaxbn/flax train-step time: {geo:.2f}")
