@@ -431,6 +431,7 @@ def test_checkify_catches_non_finite_statistics():
   guarded(jnp.ones((4, 3)))
   with pytest.raises(AssertionError):
     guarded(jnp.ones((4, 3)).at[2, 2].set(jnp.nan))
+  chex.block_until_chexify_assertions_complete()
 
 
 # ---------------------------------------------------------------- transforms
@@ -566,6 +567,15 @@ def test_shard_map_data_parallel_equals_single_device(masked):
   chex.assert_trees_all_close(new, new_ref, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(gp, gp_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pmap_axis_name_equals_single_device():
+  params, state = _random_params(jax.random.key(0), (3,))
+  x = jax.random.normal(jax.random.key(1), (8, 4, 3)) * 2 + 1  # 8 devices, 4 examples each
+  y, new = jax.pmap(lambda x: jaxbn.bn_train(params, state, x, axis_name="d"), axis_name="d")(x)
+  y_ref, new_ref = jaxbn.bn_train(params, state, x.reshape(32, 3))
+  np.testing.assert_allclose(y.reshape(32, 3), y_ref, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(jax.tree.map(lambda t: t[0], new), new_ref, rtol=1e-5)
 
 
 def test_masked_shards_match_numpy_where_flax_mean_of_means_does_not():
