@@ -70,6 +70,22 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
   return Dataset(x_tr, y_tr, x_te, y_te)
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order in which epoch ``epoch`` visits ``n`` examples.
+
+  A pure function of ``(seed, epoch)``, so a run resumed from a checkpoint,
+  or one trained elsewhere with the same seed, sees the same data.
+
+  Examples:
+    >>> from jaxbn import data
+    >>> (data.epoch_order(0, 1, 5) == data.epoch_order(0, 1, 5)).all()
+    np.True_
+    >>> sorted(data.epoch_order(0, 1, 5).tolist())
+    [0, 1, 2, 3, 4]
+  """
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def batches(
   x: np.ndarray,
   y: np.ndarray,

@@ -201,9 +201,7 @@ def _batch_indices(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray
   if per_epoch == 0:
     raise ValueError(f"the training set has {n} examples, fewer than batch_size={batch_size}.")
   epochs = -(-steps // per_epoch)
-  order = [
-    np.random.default_rng([seed, e]).permutation(n)[: per_epoch * batch_size] for e in range(epochs)
-  ]
+  order = [data_lib.epoch_order(seed, e, n)[: per_epoch * batch_size] for e in range(epochs)]
   return np.concatenate(order)[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 

@@ -18,9 +18,11 @@ Numerical decisions, each deliberate:
   ``E[x^2] - E[x]^2``, which cancels catastrophically far from zero.
 * A count of zero is safe: its mean and variance are 0 and it merges as a
   no-op; nothing divides by zero.
-* Across devices, the per-shard triples are summed (count-weighted) into the
-  triple of the whole batch, so unequal or masked shards give the statistics
-  of the whole batch (an equal-weight mean of per-shard means does not).
+* Across devices (:func:`batch_moments` with ``axis_name``), counts and sums
+  are summed first, then squared deviations from that global mean: the
+  two-pass algorithm over the whole batch, so unequal or masked shards give
+  the statistics of the whole batch (an equal-weight mean of per-shard means
+  does not).
 """
 
 from __future__ import annotations
@@ -183,20 +185,6 @@ def psum(tree: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
     return jax.lax.psum(tree, axis_name)
   gathered = jax.lax.all_gather(tree, axis_name, axis_index_groups=axis_index_groups)
   return jax.tree.map(lambda g: jnp.sum(g, 0), gathered)
-
-
-def all_reduce(m: Moments, axis_name: Any, axis_index_groups: Any = None) -> Moments:
-  """The moments of the union of every shard along a named axis.
-
-  Exact and count-weighted: the global count and mean come from one sum of
-  ``(n_i, n_i mean_i)``, then ``m2 = sum(m2_i + n_i (mean_i - mean)^2)`` from a
-  second. Shards with unequal or masked counts (or none) are weighted by their
-  counts.
-  """
-  n, s = psum((m.count, m.count * m.mean), axis_name, axis_index_groups)
-  mean = s / jnp.where(n > 0, n, 1)
-  m2 = psum(m.m2 + m.count * jnp.square(m.mean - mean), axis_name, axis_index_groups)
-  return Moments(n, mean, m2)
 
 
 def variance(m: Moments, ddof: int = 0) -> Array:

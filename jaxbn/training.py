@@ -45,6 +45,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxbn import data as data_lib
 from jaxbn.core import BNParams
 
 __all__ = (
@@ -373,10 +374,6 @@ def evaluate(state: TrainState, x: Any, y: Any, *, batch_size: int = 1024) -> di
 # The loop.
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def fit(
   state: TrainState,
   x: Any,
@@ -396,7 +393,7 @@ def fit(
   """Trains ``state`` on ``(x, y)`` with shuffled mini-batches.
 
   Epoch ``e`` visits the examples in the order
-  ``np.random.default_rng([seed, e]).permutation(len(x))``, in batches of
+  :func:`jaxbn.data.epoch_order` ``(seed, e, len(x))``, in batches of
   ``batch_size`` (the last partial batch dropped), and the batch of a step is
   found from ``state.step``: training resumed from a checkpoint sees the same
   data as training that never stopped.
@@ -486,7 +483,7 @@ def fit(
   for step in bar:
     epoch, index = divmod(step, per_epoch)
     if epoch != order_epoch:
-      order, order_epoch = _epoch_order(seed, epoch, n), epoch
+      order, order_epoch = data_lib.epoch_order(seed, epoch, n), epoch
     idx = order[index * batch_size : (index + 1) * batch_size]
     state, metrics = step_fn(state, (x[idx], y[idx]))
     pending.append(metrics)
