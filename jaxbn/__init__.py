@@ -12,10 +12,12 @@ from jaxbn import training
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.core import renorm_schedule
+from jaxbn.core import stats_dtype
 from jaxbn.folding import fold_bn
 from jaxbn.folding import fold_linen
 from jaxbn.folding import fold_nnx
@@ -36,6 +38,7 @@ __all__ = (
   "BNParams",
   "BNState",
   "Renorm",
+  "SingleValueWarning",
   "TrainState",
   "bn_infer",
   "bn_init",
@@ -56,6 +59,7 @@ __all__ = (
   "numerics",
   "population_stats",
   "renorm_schedule",
+  "stats_dtype",
   "train_step",
   "training",
 )

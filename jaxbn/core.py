@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jaxbn import numerics
 
@@ -75,6 +77,15 @@ class BNState(NamedTuple):
   var: Array
   count: Array
   step: Array
+
+
+class SingleValueWarning(UserWarning):
+  """Training statistics computed from a single value per feature.
+
+  The batch variance of one value is 0, so every output is ``bias``; jaxbn
+  leaves the running statistics unchanged in that case (flax would decay the
+  running variance toward 0). Raised at trace time, once per shape.
+  """
 
 
 class Renorm(NamedTuple):
@@ -136,12 +147,16 @@ def bn_init(
   """Parameters and state of a fresh layer.
 
   ``scale = 1``, ``bias = 0`` (in ``dtype``); ``mean = 0``, ``var = 1``,
-  ``count = 0`` (float32) and ``step = 0`` (int32), as in flax and PyTorch.
+  ``count = 0`` and ``step = 0`` (int32), as in flax and PyTorch. The
+  statistics are float64 for a float64 model and float32 otherwise (a
+  bfloat16 or float16 model still keeps float32 statistics: in half
+  precision ``0.99 * mean`` cannot move).
 
   Args:
     num_features: the size of the feature axis (a tuple for several feature
       axes).
-    dtype: floating dtype of ``params``. ``state`` is always float32.
+    dtype: floating dtype of ``params``; also selects the statistics dtype
+      (:func:`stats_dtype`).
 
   Returns:
     ``(params, state)``.
@@ -165,14 +180,31 @@ def bn_init(
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"bn_init: dtype must be a floating dtype, got {dtype}.")
   params = BNParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
-  f32 = jnp.float32
+  sdt = stats_dtype(dtype)
   state = BNState(
-    mean=jnp.zeros(shape, f32),
-    var=jnp.ones(shape, f32),
-    count=jnp.zeros(shape, f32),
+    mean=jnp.zeros(shape, sdt),
+    var=jnp.ones(shape, sdt),
+    count=jnp.zeros(shape, sdt),
     step=jnp.zeros((), jnp.int32),
   )
   return params, state
+
+
+def stats_dtype(param_dtype: Any) -> jnp.dtype:
+  """The dtype of the running statistics of a model with ``param_dtype``.
+
+  float64 for float64 models (with ``jax_enable_x64``), float32 for every
+  other floating dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import stats_dtype
+    >>> stats_dtype(jnp.bfloat16)
+    dtype('float32')
+  """
+  if jnp.dtype(param_dtype) == jnp.float64 and jax.config.read("jax_enable_x64"):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
 
 
 # --------------------------------------------------------------------------
@@ -193,7 +225,15 @@ def _layout(fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...]) -> _L
       f"{fn}: x must be a floating-point array (float32, bfloat16, ...), got "
       f"dtype {dtype}; cast it first, e.g. x.astype(jnp.float32)."
     )
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+    axes = (axis,)
+  elif isinstance(axis, (tuple, list)):
+    axes = tuple(axis)
+  else:
+    raise TypeError(
+      f"{fn}: axis must be an int or a tuple of ints naming the feature axis "
+      f"(every other axis is reduced), got {axis!r}."
+    )
   if not axes:
     raise ValueError(f"{fn}: axis must name at least one feature axis, got {axis!r}.")
   feature_axes = []
@@ -226,39 +266,35 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, 
   chex.assert_equal_shape([state.mean, state.var, state.count], custom_message=msg)
   if params is not None:
     chex.assert_equal_shape([params.scale, params.bias, state.mean], custom_message=msg)
+  dtypes = {jnp.dtype(t.dtype) for t in (state.mean, state.var, state.count)}
+  if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)}:
+    raise TypeError(
+      f"{fn}: state.mean, state.var and state.count must share the statistics dtype, "
+      f"float32 (float64 for a float64 model), got "
+      f"{', '.join(str(jnp.dtype(t.dtype)) for t in (state.mean, state.var, state.count))}; "
+      f"make the state with bn_init."
+    )
+  if not jnp.issubdtype(jnp.result_type(state.step), jnp.integer):
+    raise TypeError(f"{fn}: state.step must be an integer (int32), got {state.step.dtype}.")
   return shape
 
 
-def _mask_weights(fn: str, mask: Array, x: Array, lay: _Layout) -> Array:
-  """The mask as weights broadcastable to ``x`` (feature axes of size 1 or C)."""
+def _check_mask(fn: str, mask: Any, x: Array) -> Array:
+  """The mask, broadcast against ``x`` as NumPy (and flax) do: trailing axes."""
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise TypeError(f"{fn}: mask must be boolean, got dtype {mask.dtype}.")
-  n_red = len(lay.reduction_axes)
-  if mask.ndim < x.ndim:
-    if mask.ndim > n_red:
-      raise ValueError(
-        f"{fn}: mask of shape {mask.shape} has more axes than x's non-feature "
-        f"axes {tuple(x.shape[i] for i in lay.reduction_axes)}."
-      )
-    # Leading axes of x without its features (a mask of shape (N,) masks whole
-    # examples); then size-1 feature axes.
-    mask = mask.reshape(mask.shape + (1,) * (n_red - mask.ndim))
-    mask = jnp.expand_dims(mask, lay.feature_axes)
-  expected = (
-    f"a boolean array whose shape is a prefix of, or broadcasts to, x's shape "
-    f"without its feature axes {tuple(x.shape[i] for i in lay.reduction_axes)}; "
-    f"or broadcasts to x's shape {x.shape}"
-  )
-  if mask.ndim > x.ndim:
-    raise ValueError(f"{fn}: mask of shape {mask.shape} does not fit; expected {expected}.")
   try:
-    np.broadcast_shapes(mask.shape, x.shape)
+    fits = np.broadcast_shapes(mask.shape, x.shape) == tuple(x.shape)
   except ValueError:
+    fits = False
+  if not fits:
     raise ValueError(
-      f"{fn}: mask of shape {mask.shape} does not broadcast; expected {expected}."
-    ) from None
-  return mask.astype(numerics.stat_dtype(x.dtype))
+      f"{fn}: mask of shape {mask.shape} does not broadcast to x's shape {x.shape}; "
+      f"it is aligned with x's trailing axes, as in NumPy (a mask of shape (C,) "
+      f"selects features; to mask whole examples of an (N, C) batch use mask[:, None])."
+    )
+  return mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
 
 
 def _axis_names(axis_name: Any) -> tuple[Any, ...]:
@@ -274,23 +310,8 @@ def _group_size(axis_name: Any, axis_index_groups: Any) -> int:
   return size
 
 
-def _varying_like(x: Array, t: Array, axis_name: Any) -> Array:
-  """Under ``shard_map``, marks ``t`` as varying over the axes ``x`` varies on.
-
-  A replicated parameter must be cast before entering the custom VJP so that
-  JAX sums its cotangent over devices, as autodiff would.
-  """
-  try:
-    varying = jax.typeof(x).manual_axis_type.varying
-    t_varying = jax.typeof(t).manual_axis_type.varying
-  except AttributeError:
-    return t
-  missing = tuple(n for n in _axis_names(axis_name) if n in varying and n not in t_varying)
-  return jax.lax.pcast(t, missing, to="varying") if missing else t
-
-
 # --------------------------------------------------------------------------
-# The fused training kernel with its analytic backward.
+# The training kernel and its derivative.
 
 
 class _Config(NamedTuple):
@@ -301,76 +322,118 @@ class _Config(NamedTuple):
   renorm: bool
 
 
-def _sum_to(t: Array, shape: tuple[int, ...]) -> Array:
-  axes = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape, strict=False)) if b == 1 and a != 1)
-  return jnp.sum(t, axes, keepdims=True) if axes else t
+def _is_zero(t: Any) -> bool:
+  return isinstance(t, SymbolicZero)
+
+
+def _copies(tree: Any, k: int) -> list[Any]:
+  """``k`` copies of small per-feature values that XLA may not merge.
+
+  XLA stores an elementwise expression of ``x`` that feeds several full-size
+  consumers instead of recomputing it in each; written from separate copies
+  of the per-feature values, each consumer computes its own from ``x`` in the
+  same pass, and no full-size intermediate is written.
+  """
+  return list(jax.lax.optimization_barrier((tree,) * k))
 
 
 @functools.lru_cache(maxsize=256)
 def _train_kernel(cfg: _Config):
+  """``kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax)``.
+
+  Returns ``(y, (count, delta, m2))``: the normalized output and the batch's
+  :class:`numerics.Shifted` moments (with ``shift`` given). It is a
+  ``jax.custom_jvp`` whose tangent map is linear in the tangents, so JAX gets
+  forward mode (jvp, jacfwd, linearize) directly and reverse mode by
+  transposing it. With ``xhat = (x - mu) r``, sums over the valid values of
+  the whole batch (all devices) and ``k = scale r / n``::
+
+      u1    = sum(x_dot),  u2 = sum(xhat x_dot)
+      y_dot = scale r x_dot + xhat (scale_dot - k u2) + (bias_dot - k u1)
+
+  Its transpose, for a cotangent ``dy``, is the analytic backward of the
+  paper: ``dbias = sum(dy)``, ``dscale = sum(dy xhat)``,
+  ``dx = scale r dy - k (dbias + xhat dscale)``. The per-feature factors
+  multiply before broadcasting, so the transpose has exactly these two
+  reductions and one elementwise pass. The rule computes its primal outputs
+  by calling the kernel itself, so derivatives of every order work.
+  """
   red = cfg.reduction_axes
 
-  def forward(x, scale, bias, w, ref_mean, ref_var, rmax, dmax):
-    m = numerics.batch_moments(
-      x, red, mask=w, axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups
-    )
-    f32 = m.mean.dtype
-    var = numerics.variance(m)
+  def sums(t):
+    s = jnp.sum(t, red, keepdims=True)
+    return s if cfg.axis_name is None else numerics.psum(s, cfg.axis_name, cfg.axis_index_groups)
+
+  def affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax):
+    """``y = ((x - shift) - delta) * a + b``; also ``rstd`` and renorm's ``r, d``."""
+    dt = delta.dtype
+    var = jnp.where(count > 0, jnp.maximum(m2, 0) / jnp.where(count > 0, count, 1), 0)
     rstd = jax.lax.rsqrt(var + cfg.epsilon)
-    g = scale.astype(f32)
-    if cfg.renorm:
-      inv_sigma = jax.lax.rsqrt(ref_var + cfg.epsilon)
-      r = jnp.clip((var + cfg.epsilon) * rstd * inv_sigma, 1 / rmax, rmax)
-      d = jnp.clip((m.mean - ref_mean) * inv_sigma, -dmax, dmax)
-      r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
-      a = g * rstd * r
-      shift = g * d + bias.astype(f32)
-    else:
-      r = d = None
-      a = g * rstd
-      shift = bias.astype(f32)
-    # A copy of the mean of its own (see bwd) keeps x - mean out of memory.
-    mean_y = jax.lax.optimization_barrier(m.mean)
-    y = ((x.astype(f32) - mean_y) * a + shift).astype(x.dtype)
-    return y, m, (x, w, m.mean, m.count, rstd, a, r, d, scale, bias)
+    g = scale.astype(dt)
+    if not cfg.renorm:
+      return g * rstd, bias.astype(dt), rstd, None, None
+    inv_sigma = jax.lax.rsqrt(ref_var.astype(dt) + cfg.epsilon)
+    r = jnp.clip((var + cfg.epsilon) * rstd * inv_sigma, 1 / rmax, rmax)
+    d = jnp.clip(((shift - ref_mean.astype(dt)) + delta) * inv_sigma, -dmax, dmax)
+    r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)  # at every order
+    return g * rstd * r, g * d + bias.astype(dt), rstd, r, d
 
-  @jax.custom_vjp
-  def kernel(x, scale, bias, w, ref_mean, ref_var, rmax, dmax):
-    y, m, _ = forward(x, scale, bias, w, ref_mean, ref_var, rmax, dmax)
-    return y, m
+  @jax.custom_jvp
+  def kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax):
+    dt = shift.dtype
+    s1 = jax.lax.optimization_barrier(shift)
+    st = numerics.shifted_moments(
+      x,
+      red,
+      mask=mask,
+      shift=s1,
+      axis_name=cfg.axis_name,
+      axis_index_groups=cfg.axis_index_groups,
+      dtype=dt,
+    )
+    a, b, *_ = affine(scale, bias, *st, ref_mean, ref_var, rmax, dmax)
+    # (x - shift) - delta, not x - mean: exact far from zero.
+    s2, delta2 = jax.lax.optimization_barrier((shift, st.delta))
+    y = ((x.astype(dt) - s2) - delta2) * a + b
+    return y.astype(x.dtype), (st.count, st.delta, st.m2)
 
-  def fwd(x, scale, bias, w, ref_mean, ref_var, rmax, dmax):
-    y, m, res = forward(x, scale, bias, w, ref_mean, ref_var, rmax, dmax)
-    return (y, m), res
+  def kernel_jvp(primals, tangents):
+    x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax = primals
+    x_dot, scale_dot, bias_dot = tangents[:3]  # the rest carry no gradient
+    y, (count, delta, m2) = kernel(*primals)
+    dt = shift.dtype
+    a, _, rstd, r, d = affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax)
+    n = jnp.where(count > 0, count, 1)
+    k = a / n
 
-  def bwd(res, cts):
-    saved, w, mean, n, rstd, a, r, d, scale, bias = res
-    dy = cts[0]  # the statistics carry no gradient (the state update is stop_gradient)
-    f32 = mean.dtype
-    dy32 = dy.astype(f32)
-    # Each full-size consumer of x - mean gets its own copy of the mean (a
-    # barrier stops XLA merging them), so every reduction fuses its own
-    # subtraction instead of reading x - mean back from memory: a full-size
-    # write costs several reads.
-    mean_s, mean_x = jax.lax.optimization_barrier((mean, mean))
-    x32 = saved.astype(f32)
-    sdy = jnp.sum(dy32, red, keepdims=True)
-    sdyx = jnp.sum(dy32 * (x32 - mean_s), red, keepdims=True) * rstd  # sum dy * xhat
-    if cfg.renorm:
-      dscale = r * sdyx + d * sdy
-    else:
-      dscale = sdyx
-    dscale = _sum_to(dscale, scale.shape).astype(scale.dtype)
-    dbias = _sum_to(sdy, bias.shape).astype(bias.dtype)
-    if cfg.axis_name is not None:
-      # dx needs the sums over the whole batch; dscale, dbias stay per shard
-      # (JAX sums them over devices, as it sums any replicated input's).
-      sdy, sdyx = numerics.psum((sdy, sdyx), cfg.axis_name, cfg.axis_index_groups)
-    coef = (1.0 if w is None else w) / jnp.where(n > 0, n, 1)
-    dx = a * (dy32 - coef * (sdy + (x32 - mean_x) * (rstd * sdyx)))
-    return dx.astype(dy.dtype), dscale, dbias, None, None, None, None, None
+    def xhat(s, dl, rs):
+      xh = ((x.astype(dt) - s) - dl) * rs
+      # Masked-out positions may hold NaN or inf: kept out of every sum.
+      return xh if mask is None else jnp.where(jnp.isfinite(xh), xh, 0)
 
-  kernel.defvjp(fwd, bwd)
+    # xhat_p meets x_dot (u2; in the transpose, dx), xhat_q meets the output
+    # (in the transpose, dscale): one copy for each full-size pass.
+    xhat_p, xhat_q = (xhat(*c) for c in _copies((shift, delta, rstd), 2))
+    zero = jnp.zeros_like(delta)
+    v = zero if _is_zero(scale_dot) else scale_dot.astype(dt) * (1 if r is None else r)
+    w = zero if _is_zero(bias_dot) else bias_dot.astype(dt)
+    if not _is_zero(scale_dot) and d is not None:
+      w = w + scale_dot.astype(dt) * d
+    delta_dot = m2_dot = zero
+    y_dot = jnp.zeros((), dt)
+    if not _is_zero(x_dot):
+      t = x_dot.astype(dt)
+      if mask is None:
+        u1, u2 = sums(t), sums(xhat_p * t)
+      else:
+        u1, u2 = sums(jnp.where(mask, t, 0)), sums(jnp.where(mask, xhat_p * t, 0))
+      v, w = v - k * u2, w - k * u1
+      y_dot = a * t
+      delta_dot, m2_dot = u1 / n, 2 * u2 / rstd
+    y_dot = (y_dot + xhat_q * v + w).astype(y.dtype)
+    return (y, (count, delta, m2)), (y_dot, (jnp.zeros_like(count), delta_dot, m2_dot))
+
+  kernel.defjvp(kernel_jvp, symbolic_zeros=True)
   return kernel
 
 
@@ -379,35 +442,88 @@ def _update_state(
   batch: numerics.Moments,
   momentum: float | Array | None,
   ema_warmup: bool = False,
+  running_var: str = "biased",
 ) -> BNState:
-  """New running statistics after a batch with moments ``batch``."""
-  f32 = state.mean.dtype
-  batch = jax.tree.map(lambda t: jax.lax.stop_gradient(t).astype(f32), batch)
-  seen = batch.count > 0  # a fully masked feature keeps its statistics
+  """New running statistics after a batch with moments ``batch``.
+
+  A feature is updated only where the batch's statistics are finite (so a
+  loop that skips non-finite steps recovers) and, for the moving average,
+  where it had at least 2 values (one value has no variance: averaging its 0
+  in would shrink ``var``). Otherwise it keeps its statistics.
+  """
+  sdt = state.mean.dtype
+  batch = jax.tree.map(lambda t: jax.lax.stop_gradient(t).astype(sdt), batch)
+  ddof = 1 if running_var == "unbiased" else 0
+  finite = jnp.isfinite(batch.mean) & jnp.isfinite(batch.m2)
   if momentum is None:
     # Cumulative average: the exact statistics of every value seen so far.
-    old = numerics.Moments(state.count, state.mean, state.var * state.count)
+    seen = finite & (batch.count > 0)
+    old = numerics.Moments(state.count, state.mean, state.var * jnp.maximum(state.count - ddof, 0))
     merged = numerics.merge(old, batch)
-    mean, var = merged.mean, numerics.variance(merged)
+    mean, var = merged.mean, numerics.variance(merged, ddof)
+    var = jnp.where(merged.count > ddof, var, state.var)
   else:
-    weight = 1 - jnp.asarray(momentum, f32)
+    seen = finite & (batch.count > 1)
+    weight = 1 - jnp.asarray(momentum, sdt)
     if ema_warmup:
       # Count-aware: a cumulative average until it would weigh the new batch
       # less than the EMA does. At count 0 the weight is 1 (no division by 0:
       # a batch with no values is kept out by `seen` below).
       weight = jnp.maximum(weight, batch.count / jnp.maximum(state.count + batch.count, 1))
     mean = (1 - weight) * state.mean + weight * batch.mean
-    var = (1 - weight) * state.var + weight * numerics.variance(batch)
+    var = (1 - weight) * state.var + weight * numerics.variance(batch, ddof)
   return BNState(
-    mean=jnp.where(seen, mean, state.mean).astype(state.mean.dtype),
-    var=jnp.where(seen, var, state.var).astype(state.var.dtype),
-    count=(state.count + batch.count).astype(state.count.dtype),
+    mean=jnp.where(seen, mean, state.mean).astype(sdt),
+    var=jnp.where(seen, var, state.var).astype(sdt),
+    count=jnp.where(seen, state.count + batch.count, state.count).astype(sdt),
     step=(state.step + 1).astype(state.step.dtype),
   )
 
 
-def _schedule_value(v: Schedule, step: Array) -> Array:
-  return jnp.asarray(v(step) if callable(v) else v, jnp.float32)
+def _schedule_value(v: Schedule, step: Array, dtype: Any) -> Array:
+  return jnp.asarray(v(step) if callable(v) else v).astype(dtype)
+
+
+def _check_options(fn: str, momentum: Any, epsilon: Any, running_var: str) -> None:
+  """Trace-time checks of the scalar options (skipped for traced values)."""
+  try:
+    eps = float(epsilon)
+  except TypeError:
+    raise TypeError(
+      f"{fn}: epsilon must be a concrete number (it is fixed when the step is "
+      f"compiled), got {epsilon!r}."
+    ) from None
+  if not eps > 0:
+    raise ValueError(
+      f"{fn}: epsilon must be > 0 (it keeps 1/sqrt(var + epsilon) finite for a "
+      f"constant feature), got {epsilon!r}."
+    )
+  if momentum is not None and not isinstance(momentum, jax.core.Tracer):
+    m = np.asarray(momentum)
+    if m.ndim or not 0 <= float(m) <= 1:
+      raise ValueError(
+        f"{fn}: momentum must be a number in [0, 1] (the weight of the old running "
+        f"value; PyTorch's momentum=0.1 is 0.9 here), or None for the cumulative "
+        f"average; got {momentum!r}."
+      )
+  if running_var not in ("biased", "unbiased"):
+    raise ValueError(f"{fn}: running_var must be 'biased' or 'unbiased', got {running_var!r}.")
+
+
+def _compute_dtype(x: Array, state: BNState) -> jnp.dtype:
+  """The wider of the input's statistics dtype and the state's."""
+  a, b = numerics.stat_dtype(x.dtype), jnp.dtype(state.mean.dtype)
+  return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
+
+
+def _static_size(dims: Sequence[Any]) -> int | None:
+  """The product of ``dims``, or None when one is symbolic (``jax.export``)."""
+  n = 1
+  for d in dims:
+    if not isinstance(d, (int, np.integer)):
+      return None
+    n *= int(d)
+  return n
 
 
 def bn_train(
@@ -424,6 +540,7 @@ def bn_train(
   ghost_batch_size: int | None = None,
   renorm: Renorm | None = None,
   ema_warmup: bool = False,
+  running_var: str = "biased",
 ) -> tuple[Array, BNState]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
@@ -518,59 +635,71 @@ def bn_train(
   fn = "bn_train"
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
-  w = None if mask is None else _mask_weights(fn, mask, x, lay)
+  _check_options(fn, momentum, epsilon, running_var)
+  mask = None if mask is None else _check_mask(fn, mask, x)
 
   if ghost_batch_size is not None:
-    x, w, lay = _split_ghost(fn, x, w, lay, ghost_batch_size)
+    x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
 
-  local = 1
-  for i in lay.reduction_axes:
-    local *= x.shape[i]
-  total = local * (1 if axis_name is None else _group_size(axis_name, axis_index_groups))
-  if total < 2:
+  group = 1 if axis_name is None else _group_size(axis_name, axis_index_groups)
+  local = _static_size(x.shape[i] for i in lay.reduction_axes)
+  total = None if local is None else local * group  # None: symbolic (jax.export)
+  where = f"reduced axes {lay.reduction_axes}" + (
+    "" if axis_name is None else f" and axis_name {axis_name!r}"
+  )
+  if total == 0:
     raise ValueError(
-      f"{fn}: x of shape {x.shape} gives {total} value per feature to compute "
-      f"batch statistics over (reduced axes {lay.reduction_axes}"
-      f"{'' if axis_name is None else f' and axis_name {axis_name!r}'}); "
-      f"training needs more than 1. Use a larger batch, or bn_infer."
+      f"{fn}: x of shape {x.shape} gives no value per feature to compute batch "
+      f"statistics over ({where}); training needs at least 2."
+    )
+  single = total == 1
+  if single:
+    warnings.warn(
+      f"{fn}: x of shape {x.shape} gives 1 value per feature ({where}): the batch "
+      f"variance is 0, every output is `bias`, and the running statistics are left "
+      f"unchanged. Train on batches of at least 2 values per feature; for "
+      f"per-example calls under vmap, pass axis_name so that the statistics are "
+      f"those of the whole batch.",
+      SingleValueWarning,
+      stacklevel=2,
     )
 
-  f32 = jnp.float32
+  cdt = _compute_dtype(x, state)
   scale = params.scale.reshape(lay.bshape)
   bias = params.bias.reshape(lay.bshape)
   ref_mean = state.mean.reshape(lay.bshape)
   ref_var = state.var.reshape(lay.bshape)
   if renorm is not None:
-    rmax = _schedule_value(renorm.rmax, state.step)
-    dmax = _schedule_value(renorm.dmax, state.step)
+    rmax = _schedule_value(renorm.rmax, state.step, cdt)
+    dmax = _schedule_value(renorm.dmax, state.step, cdt)
   else:
-    rmax = dmax = jnp.zeros((), f32)
-  if axis_name is not None:
-    scale, bias, ref_mean, ref_var, rmax, dmax = (
-      _varying_like(x, t, axis_name) for t in (scale, bias, ref_mean, ref_var, rmax, dmax)
-    )
-    if w is not None:
-      w = _varying_like(x, w, axis_name)
-
-  cfg = _Config(
-    reduction_axes=lay.reduction_axes,
-    axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
-    axis_index_groups=None
-    if axis_index_groups is None
-    else tuple(tuple(g) for g in axis_index_groups),
-    epsilon=float(epsilon),
-    renorm=renorm is not None,
+    rmax = dmax = jnp.zeros((), cdt)
+  groups = None if axis_index_groups is None else tuple(tuple(g) for g in axis_index_groups)
+  axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+  shift = numerics.reference_value(
+    x.astype(cdt),
+    lay.reduction_axes,
+    mask=mask,
+    fallback=ref_mean.astype(cdt),
+    axis_name=axis_name,
+    axis_index_groups=groups,
   )
-  y, m = _train_kernel(cfg)(x, scale, bias, w, ref_mean, ref_var, rmax, dmax)
+  cfg = _Config(lay.reduction_axes, axis_name, groups, float(epsilon), renorm is not None)
+  y, (count, delta, m2) = _train_kernel(cfg)(
+    x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax
+  )
 
   if ghost_batch_size is not None:
     y = y.reshape(_unsplit_shape(y.shape, lay))
-  batch = numerics.Moments(*(t.reshape(-1, *feature_shape) for t in jax.lax.stop_gradient(m)))
+  if single:
+    return y, state._replace(step=(state.step + 1).astype(state.step.dtype))
+  m = jax.lax.stop_gradient(numerics.Shifted(count, shift, delta, m2).moments())
+  batch = numerics.Moments(*(t.reshape(-1, *feature_shape) for t in m))
   if batch.count.shape[0] > 1:  # ghost batches: the whole batch's moments
     batch = numerics.merge_stacked(batch, 0)
   else:
     batch = numerics.Moments(*(t[0] for t in batch))
-  return y, _update_state(state, batch, momentum, ema_warmup)
+  return y, _update_state(state, batch, momentum, ema_warmup, running_var)
 
 
 def _split_ghost(fn: str, x: Array, w: Array | None, lay: _Layout, size: int):
@@ -644,8 +773,9 @@ def bn_infer(
   fn = "bn_infer"
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
-  f32 = numerics.stat_dtype(x.dtype)
-  a = params.scale.astype(f32) * jax.lax.rsqrt(state.var.astype(f32) + epsilon)
-  mean = state.mean.astype(f32).reshape(lay.bshape)
-  y = (x.astype(f32) - mean) * a.reshape(lay.bshape) + params.bias.astype(f32).reshape(lay.bshape)
+  _check_options(fn, None, epsilon, "biased")
+  cdt = _compute_dtype(x, state)
+  a = params.scale.astype(cdt) * jax.lax.rsqrt(state.var.astype(cdt) + epsilon)
+  mean = state.mean.astype(cdt).reshape(lay.bshape)
+  y = (x.astype(cdt) - mean) * a.reshape(lay.bshape) + params.bias.astype(cdt).reshape(lay.bshape)
   return y.astype(x.dtype)

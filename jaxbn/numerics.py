@@ -58,6 +58,138 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
   return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
+class Shifted(NamedTuple):
+  """Moments of a batch with the mean kept as ``shift + delta``.
+
+  Far from zero a float32 mean cannot hold the digits that ``x - mean``
+  needs (at ``1e6`` its spacing is 0.06); ``x - shift`` is exact for ``shift``
+  near the data and ``delta`` is small, so ``(x - shift) - delta`` keeps every
+  digit of the deviations. ``mean = shift + delta``.
+
+  Attributes:
+    count: number of values (float).
+    shift: the reference value each value was shifted by (same on every
+      device under ``axis_name``).
+    delta: ``mean - shift``.
+    m2: sum of squared deviations from the mean (>= 0).
+  """
+
+  count: Array
+  shift: Array
+  delta: Array
+  m2: Array
+
+  def moments(self) -> Moments:
+    """The plain :class:`Moments` (``mean = shift + delta``, rounded once)."""
+    return Moments(self.count, self.shift + self.delta, self.m2)
+
+
+def _first(x: Array, axes: Sequence[int]) -> Array:
+  """``x`` at index 0 along ``axes`` (kept with size 1)."""
+  return jax.lax.slice(
+    x, (0,) * x.ndim, tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+  )
+
+
+def reference_value(
+  x: Array,
+  axes: Sequence[int],
+  *,
+  mask: Array | None = None,
+  fallback: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+) -> Array:
+  """A per-feature value near the data to shift by: the first valid element.
+
+  The shifted-data algorithm (Chan, Golub & LeVeque 1983) sums ``x - K``
+  instead of ``x``; any ``K`` near the data keeps both passes exact to
+  rounding, so the first element along ``axes`` serves. Where it is masked out
+  or not finite, ``fallback`` (default 0) is used. Across devices the
+  elements of all devices are averaged, so that every device shifts by the
+  same value. The result carries no gradient.
+  """
+  axes = tuple(axes)
+  k = _first(x, axes)
+  ok = jnp.isfinite(k)
+  if mask is not None:
+    valid = mask if mask.dtype == jnp.bool_ else mask != 0
+    ok = ok & _first(jnp.broadcast_to(valid, x.shape), axes)
+  other = jnp.zeros((), x.dtype) if fallback is None else fallback.astype(x.dtype)
+  if axis_name is None:
+    k = jnp.where(ok, k, other)
+  else:
+    okf = ok.astype(x.dtype)
+    total, n = psum((jnp.where(ok, k, 0), okf), axis_name, axis_index_groups)
+    k = jnp.where(n > 0, total / jnp.maximum(n, 1), other)
+  return jax.lax.stop_gradient(k)
+
+
+def shifted_moments(
+  x: Array,
+  axes: Sequence[int],
+  *,
+  mask: Array | None = None,
+  shift: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  dtype: Any = None,
+) -> Shifted:
+  """Two-pass moments of ``x`` over ``axes`` from values shifted by ``shift``.
+
+  ``delta = sum(x - shift) / n`` first, then ``m2 = sum(((x - shift) - delta)^2)``.
+  Masked-out positions enter neither sum (they are selected away, not
+  multiplied by 0, so NaN or inf there stay out). With ``axis_name`` the
+  counts and sums are summed over devices before the next pass: the two-pass
+  algorithm on the whole batch.
+
+  Args:
+    x: floating array (computed in ``stat_dtype(x.dtype)``).
+    axes: the axes to reduce.
+    mask: optional array broadcastable to ``x``; nonzero entries count.
+    shift: per-feature shift broadcastable against ``x`` with the reduced
+      axes of size 1; default :func:`reference_value`.
+    axis_name: optional named axis the values are split over.
+    axis_index_groups: optional subgroups of ``axis_name``.
+    dtype: the dtype to compute in (default ``stat_dtype(x.dtype)``).
+
+  Returns:
+    :class:`Shifted` with the reduced axes kept.
+  """
+  axes = tuple(axes)
+  dtype = stat_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
+  x = x.astype(dtype)
+  if shift is None:
+    shift = reference_value(
+      x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
+  shift = shift.astype(dtype)
+  d = x - shift
+  keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+  if mask is None:
+    valid = None
+    n = 1
+    for a in axes:
+      n *= x.shape[a]
+    count = jnp.full(keep, n, dtype)
+    total = jnp.sum(d, axes, keepdims=True)
+  else:
+    valid = mask if mask.dtype == jnp.bool_ else mask != 0
+    count = jnp.sum(jnp.broadcast_to(valid, x.shape), axes, keepdims=True, dtype=dtype)
+    total = jnp.sum(jnp.where(valid, d, 0), axes, keepdims=True)
+  if axis_name is not None:
+    count, total = psum((count, total), axis_name, axis_index_groups)
+  delta = total / jnp.where(count > 0, count, 1)
+  # Copies of their own: XLA then recomputes x - shift inside this pass
+  # instead of storing it (or a broadcast of delta) from the first.
+  shift2, delta2 = jax.lax.optimization_barrier((shift, delta))
+  sq = jnp.square((x - shift2) - delta2)
+  m2 = jnp.sum(sq if valid is None else jnp.where(valid, sq, 0), axes, keepdims=True)
+  if axis_name is not None:
+    m2 = psum(m2, axis_name, axis_index_groups)
+  return Shifted(count, jnp.broadcast_to(shift, keep), delta, m2)
+
+
 def batch_moments(
   x: Array,
   axes: Sequence[int],
@@ -68,44 +200,23 @@ def batch_moments(
 ) -> Moments:
   """Two-pass moments of ``x`` over ``axes``, kept with size 1.
 
-  With ``axis_name`` the statistics are those of every shard together: the
-  global count and mean first (one sum), then squared deviations from that
-  global mean (a second sum), which is the same two-pass algorithm run on the
-  whole batch.
+  :func:`shifted_moments` with its mean rounded once: exact to rounding far
+  from zero, NaN-safe in masked-out positions; with ``axis_name`` the
+  statistics of every shard together.
 
   Args:
     x: floating array.
     axes: the axes to reduce.
-    mask: optional weights (0/1) broadcastable to ``x``; only nonzero entries
-      count.
+    mask: optional array broadcastable to ``x``; only nonzero entries count.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
 
   Returns:
     :class:`Moments` with the reduced axes kept, in at least float32.
   """
-  axes = tuple(axes)
-  dtype = stat_dtype(x.dtype)
-  x = x.astype(dtype)
-  if mask is None:
-    n = 1
-    for a in axes:
-      n *= x.shape[a]
-    shape = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-    count = jnp.full(shape, n, dtype)
-    total = jnp.sum(x, axes, keepdims=True)
-  else:
-    w = mask.astype(dtype)
-    count = jnp.sum(jnp.broadcast_to(w, x.shape), axes, keepdims=True)
-    total = jnp.sum(x * w, axes, keepdims=True)
-  if axis_name is not None:
-    count, total = psum((count, total), axis_name, axis_index_groups)
-  mean = total / jnp.where(count > 0, count, 1)
-  sq = jnp.square(x - mean)
-  m2 = jnp.sum(sq if mask is None else sq * w, axes, keepdims=True)
-  if axis_name is not None:
-    m2 = psum(m2, axis_name, axis_index_groups)
-  return Moments(count, mean, m2)
+  return shifted_moments(
+    x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+  ).moments()
 
 
 def moments(

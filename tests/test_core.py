@@ -245,7 +245,7 @@ def test_ema_warmup_averages_batches_then_becomes_the_ema():
   _, b = jaxbn.bn_train(params, big, xs[0], momentum=0.9)
   chex.assert_trees_all_close(a, b, rtol=1e-6)
   # Fully masked at count 0: unchanged, finite.
-  _, c = jaxbn.bn_train(params, state, xs[0], ema_warmup=True, mask=jnp.zeros(8, bool))
+  _, c = jaxbn.bn_train(params, state, xs[0], ema_warmup=True, mask=jnp.zeros((8, 1), bool))
   chex.assert_trees_all_equal(c._replace(step=0), state._replace(step=0))
 
 
@@ -262,11 +262,11 @@ def test_infer_does_not_depend_on_the_batch():
 
 def test_mask_uses_only_valid_positions():
   x = jax.random.normal(jax.random.key(0), (10, 4)) * 2 + 1
-  mask = jnp.array([True] * 6 + [False] * 4)
+  mask = jnp.array([True] * 6 + [False] * 4)[:, None]  # whole examples
   params, state = _random_params(jax.random.key(1), (4,))
   y, new = jaxbn.bn_train(params, state, x, mask=mask)
   y_ref, m_ref, v_ref = bn_train_ref(
-    x, params.scale, params.bias, state.mean, state.var, mask=np.asarray(mask)[:, None]
+    x, params.scale, params.bias, state.mean, state.var, mask=np.asarray(mask)
   )
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)  # masked rows: same affine map
   np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5)
@@ -282,7 +282,7 @@ def test_mask_per_feature_and_conv_layout():
   x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2))
   mask_pos = jax.random.bernoulli(jax.random.key(1), 0.7, (4, 3, 3))
   params, state = _random_params(jax.random.key(2), (2,))
-  y, new = jaxbn.bn_train(params, state, x, mask=mask_pos)
+  y, new = jaxbn.bn_train(params, state, x, mask=mask_pos[..., None])
   y_ref, m_ref, v_ref = bn_train_ref(
     x, params.scale, params.bias, state.mean, state.var, mask=np.asarray(mask_pos)[..., None]
   )
@@ -352,7 +352,7 @@ def test_check_grads_order_two_float64():
     )
     _, state = jaxbn.bn_init(2)
     x = jax.random.normal(jax.random.key(0), (6, 3, 2), jnp.float64)
-    mask = jnp.array([True, True, False, True, True, True])[:, None]
+    mask = jnp.array([True, True, False, True, True, True])[:, None, None]
 
     def f(scale, bias, x):
       p = jaxbn.BNParams(scale, bias)
@@ -399,10 +399,10 @@ def test_errors_name_the_problem(fn):
 
 def test_train_errors():
   params, state = jaxbn.bn_init(4)
-  with pytest.raises(ValueError, match=r"1 value per feature.*more than 1"):
-    jaxbn.bn_train(params, state, jnp.ones((1, 4)))
-  with pytest.raises(ValueError, match="1 value per feature"):
-    jax.jit(jaxbn.bn_train)(params, state, jnp.ones((4,)))
+  with pytest.raises(ValueError, match=r"no value per feature.*at least 2"):
+    jaxbn.bn_train(params, state, jnp.ones((0, 4)))
+  with pytest.raises(ValueError, match="no value per feature"):
+    jax.jit(jaxbn.bn_train)(params, state, jnp.ones((4, 0, 4)))
   with pytest.raises(ValueError, match="mask of shape"):
     jaxbn.bn_train(params, state, jnp.ones((8, 4)), mask=jnp.ones((7,), bool))
   with pytest.raises(TypeError, match="mask must be boolean"):
@@ -493,7 +493,7 @@ def test_vmap_axis_name_is_the_batch(masked):
     return jnp.sum(y * c), (y, new)
 
   def whole(p, x):
-    y, new = jaxbn.bn_train(p, state, x, mask=mask)
+    y, new = jaxbn.bn_train(p, state, x, mask=None if mask is None else mask[:, None])
     return jnp.sum(y * ct), (y, new)
 
   in_axes = (None, 0, None if mask is None else 0, 0)
@@ -536,9 +536,9 @@ def test_shard_map_data_parallel_equals_single_device(masked):
   ct = jax.random.normal(jax.random.key(2), x.shape)
   if masked:  # unequal valid counts per device: 1, 4, 4, 4, 0, 2, 4, 3
     valid = [1, 4, 4, 4, 0, 2, 4, 3]
-    mask = jnp.array([i < v for v in valid for i in range(4)])
+    mask = jnp.array([i < v for v in valid for i in range(4)])[:, None, None]
   else:
-    mask = jnp.ones((32,), bool)
+    mask = jnp.ones((32, 1, 1), bool)
 
   def loss(p, st, x, m, c):
     y, new = jaxbn.bn_train(p, st, x, axis_name="data", mask=m)
@@ -582,7 +582,7 @@ def test_masked_shards_match_numpy_where_flax_mean_of_means_does_not():
   """REFERENCE.md s.5: valid counts 1, 4, 4, 4 on 4 devices."""
   mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
   x = jnp.array([[v] for v in [20.0, 0, 0, 0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15]])
-  valid = jnp.array([i < v for v in (1, 4, 4, 4) for i in range(4)])
+  valid = jnp.array([i < v for v in (1, 4, 4, 4) for i in range(4)])[:, None]
   params, state = jaxbn.bn_init(1)
   f = jax.shard_map(
     lambda x, m: jaxbn.bn_train(params, state, x, axis_name="data", mask=m, momentum=None)[1],
@@ -640,7 +640,7 @@ def test_ghost_batches_are_contiguous_and_inference_unchanged():
 def test_ghost_batches_nchw_and_masked():
   params, state = jaxbn.bn_init(3)
   x = jax.random.normal(jax.random.key(0), (8, 3, 4))
-  mask = jnp.arange(8) % 4 != 3
+  mask = (jnp.arange(8) % 4 != 3)[:, None, None]
   y, new = jaxbn.bn_train(params, state, x, axis=1, ghost_batch_size=4, mask=mask)
   y0, _ = jaxbn.bn_train(params, state, x[:4], axis=1, mask=mask[:4])
   np.testing.assert_allclose(y[:4], y0, rtol=1e-5, atol=1e-5)
