@@ -161,7 +161,7 @@ def test_maml_inner_step_matches_plain_autodiff():
 def test_vmap_axis_name_jvp_and_hessian_equal_the_whole_batch():
   """Per-example calls merged by axis_name: the psum's tangent and transpose."""
   with jax.enable_x64(True):
-    ours, _, (scale, bias, x) = _setup("plain")
+    _ours, _, (scale, bias, x) = _setup("plain")
     _, state = jaxbn.bn_init(3, dtype=jnp.float64)
     params = jaxbn.BNParams(scale, bias)
     per_example = jax.vmap(

@@ -135,7 +135,7 @@ def test_apply_if_finite_loop_recovers_from_a_bad_batch():
   params, stats = variables["params"], variables["batch_stats"]
   for i in range(30):
     bad = x.at[3, 0].set(jnp.nan) if i == 10 else x
-    params, stats, opt, value = step(params, stats, opt, bad)
+    params, stats, opt, _value = step(params, stats, opt, bad)
     chex.assert_tree_all_finite((params, stats))
   assert int(opt.total_notfinite) == 1
   out = net.apply({"params": params, "batch_stats": stats}, x, train=False)
@@ -163,7 +163,7 @@ def test_float64_models_keep_float64_statistics():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_models_keep_float32_statistics(dtype):
-  params, state = jaxbn.bn_init(2, dtype=dtype)
+  _params, state = jaxbn.bn_init(2, dtype=dtype)
   chex.assert_type([state.mean, state.var, state.count], jnp.float32)
 
 
