@@ -23,40 +23,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen import initializers
 
+from jaxbn import _shell
 from jaxbn.core import BNParams
-from jaxbn.core import BNState
 from jaxbn.core import Renorm
-from jaxbn.core import bn_infer
-from jaxbn.core import bn_train
 
 __all__ = ("BatchNorm",)
-
-
-def _feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:
-  """Sizes of ``x`` along the (sorted) feature axes, as the core orders them.
-
-  An invalid ``x`` or ``axis`` gives a placeholder shape: the core then raises
-  its own clear error when it is called on ``x``.
-  """
-  shape = tuple(getattr(x, "shape", ()))
-  n = len(shape)
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-  if not n or not axes or not all(isinstance(a, (int, np.integer)) and -n <= a < n for a in axes):
-    return (1,)
-  return tuple(shape[a] for a in sorted({int(a) % n for a in axes}))
-
-
-def _needs_count(momentum: float | None, ema_warmup: bool) -> bool:
-  """Whether the running statistics need the per-feature ``count``."""
-  return momentum is None or bool(ema_warmup)
-
-
-def _needs_step(renorm: Renorm | None) -> bool:
-  """Whether the running statistics need the update ``step`` (renorm schedules)."""
-  return renorm is not None and (callable(renorm.rmax) or callable(renorm.dmax))
 
 
 class BatchNorm(nn.Module):
@@ -94,8 +67,15 @@ class BatchNorm(nn.Module):
     float32 for bfloat16 input with float32 parameters).
   - ``axis_name`` merges statistics exactly, weighted by each device's count
     (flax takes an equal-weight mean, wrong with masks or unequal shards).
-  - Training on a single value per feature raises an error instead of
-    returning zeros.
+  - Training on a single value per feature returns ``bias``, as flax does,
+    but leaves the running statistics unchanged (flax decays ``var`` toward
+    0) and warns at trace time (:class:`jaxbn.SingleValueWarning`); ``init``
+    never warns.
+  - NaN or inf in masked-out positions stay out of the statistics, as in
+    flax; moreover a batch whose statistics are not finite leaves the running
+    statistics of those features unchanged.
+  - ``param_dtype=float64`` (with ``jax_enable_x64``) keeps float64 running
+    statistics; every other ``param_dtype`` keeps float32 ones, as flax does.
 
   Attributes:
     use_running_average: normalize with the stored statistics (evaluation)
@@ -121,6 +101,8 @@ class BatchNorm(nn.Module):
     renorm: a :class:`jaxbn.Renorm` for batch renormalization (Ioffe 2017).
     ema_warmup: count-aware running average for the first steps (see
       :func:`jaxbn.bn_train`).
+    running_var: ``"biased"`` (flax's) or ``"unbiased"`` (PyTorch's: the
+      running variance moves toward ``n / (n - 1)`` times the batch variance).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -158,6 +140,7 @@ class BatchNorm(nn.Module):
   ghost_batch_size: int | None = None
   renorm: Renorm | None = None
   ema_warmup: bool = False
+  running_var: str = "biased"
 
   @nn.compact
   def __call__(
@@ -177,15 +160,16 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
       "use_running_average", self.use_running_average, use_running_average
     )
-    shape = _feature_shape(x, self.axis)
-    f32 = jnp.float32
-    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, f32))
-    var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, f32))
+    options = _shell.options_of(self)
+    shape = _shell.feature_shape(x, self.axis)
+    init = _shell.initial_state(shape, self.param_dtype)
+    mean = self.variable("batch_stats", "mean", lambda: init.mean)
+    var = self.variable("batch_stats", "var", lambda: init.var)
     count = step = None
-    if _needs_count(self.momentum, self.ema_warmup):
-      count = self.variable("batch_stats", "count", lambda: jnp.zeros(shape, f32))
-    if _needs_step(self.renorm):
-      step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
+    if _shell.needs_count(options):
+      count = self.variable("batch_stats", "count", lambda: init.count)
+    if _shell.needs_step(options):
+      step = self.variable("batch_stats", "step", lambda: init.step)
 
     if self.use_scale:
       scale = self.param("scale", self.scale_init, shape, self.param_dtype)
@@ -196,36 +180,36 @@ class BatchNorm(nn.Module):
     else:
       bias = jnp.zeros(shape, self.param_dtype)
 
-    params = BNParams(scale=scale, bias=bias)
     # Entries this configuration does not store are never read by the core.
-    state = BNState(
-      mean=mean.value,
-      var=var.value,
-      count=count.value if count is not None else jnp.zeros(shape, f32),
-      step=step.value if step is not None else jnp.zeros((), jnp.int32),
+    state = init._replace(mean=mean.value, var=var.value)
+    if count is not None:
+      state = state._replace(count=count.value)
+    if step is not None:
+      state = state._replace(step=step.value)
+    initializing = self.is_initializing()
+    y, new = _shell.normalize(
+      BNParams(scale=scale, bias=bias),
+      state,
+      x,
+      options,
+      use_running_average=use_running_average,
+      mask=mask,
+      initializing=initializing,
     )
-    if use_running_average:
-      y = bn_infer(params, state, x, epsilon=self.epsilon, axis=self.axis)
-    else:
-      initializing = self.is_initializing()
-      y, new = bn_train(
-        params,
-        state,
-        x,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis=self.axis,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        ghost_batch_size=self.ghost_batch_size,
-        renorm=self.renorm,
-        ema_warmup=self.ema_warmup,
-      )
-      if not initializing:
-        mean.value, var.value = new.mean, new.var
-        if count is not None:
-          count.value = new.count
-        if step is not None:
-          step.value = new.step
+    if new is not None:
+      mean.value, var.value = new.mean, new.var
+      if count is not None:
+        count.value = new.count
+      if step is not None:
+        step.value = new.step
     return y if self.dtype is None else y.astype(self.dtype)
+
+
+def _needs_count(momentum: float | None, ema_warmup: bool) -> bool:
+  """Whether the running statistics need the per-feature ``count``."""
+  return _shell.needs_count(_shell.Options(momentum=momentum, ema_warmup=ema_warmup))
+
+
+def _needs_step(renorm: Renorm | None) -> bool:
+  """Whether the running statistics need the update ``step`` (renorm schedules)."""
+  return _shell.needs_step(_shell.Options(renorm=renorm))

@@ -18,18 +18,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 from flax.nnx.nn import initializers
 
+from jaxbn import _shell
 from jaxbn.core import BNParams
-from jaxbn.core import BNState
 from jaxbn.core import Renorm
-from jaxbn.core import bn_infer
-from jaxbn.core import bn_train
-from jaxbn.linen import _needs_count
-from jaxbn.linen import _needs_step
 
 __all__ = ("BatchNorm",)
 
@@ -48,9 +45,10 @@ class BatchNorm(nnx.Module):
 
   In evaluation (``.eval()``) the stored ``mean`` and ``var`` are used.
 
-  Variables: ``mean``, ``var`` (``nnx.BatchStat``, float32, shape
-  ``(num_features,)``); ``scale``, ``bias`` (``nnx.Param`` in
-  ``param_dtype``, or ``None`` when ``use_scale`` / ``use_bias`` is False).
+  Variables: ``mean``, ``var`` (``nnx.BatchStat``, float32, or float64 for
+  ``param_dtype=float64`` with x64, shape ``(num_features,)``); ``scale``,
+  ``bias`` (``nnx.Param`` in ``param_dtype``, or ``None`` when ``use_scale`` /
+  ``use_bias`` is False).
   Only when the configuration needs them: ``count`` (``nnx.BatchStat``,
   float32) with ``momentum=None`` or ``ema_warmup=True``, and ``step``
   (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule.
@@ -84,6 +82,8 @@ class BatchNorm(nnx.Module):
     ghost_batch_size: virtual batch size (Hoffer et al. 2017).
     renorm: a :class:`jaxbn.Renorm` (Ioffe 2017).
     ema_warmup: count-aware running average (see :func:`jaxbn.bn_train`).
+    running_var: ``"biased"`` (flax's) or ``"unbiased"`` (PyTorch's running
+      variance, ``n / (n - 1)`` times the batch variance).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -128,22 +128,34 @@ class BatchNorm(nnx.Module):
     ghost_batch_size: int | None = None,
     renorm: Renorm | None = None,
     ema_warmup: bool = False,
+    running_var: str = "biased",
   ):
-    if isinstance(num_features, int):
-      shape = (num_features,)
+    if isinstance(num_features, (int, np.integer)):
+      shape = (int(num_features),)
+    elif isinstance(num_features, (tuple, list)):
+      shape = tuple(int(s) if isinstance(s, (int, np.integer)) else s for s in num_features)
     else:
-      shape = tuple(num_features)
+      shape = ()
     if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
       raise ValueError(
         f"BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
       )
-    f32 = jnp.float32
-    self.mean = nnx.BatchStat(jnp.zeros(shape, f32))
-    self.var = nnx.BatchStat(jnp.ones(shape, f32))
-    self.count = nnx.data(
-      nnx.BatchStat(jnp.zeros(shape, f32)) if _needs_count(momentum, ema_warmup) else None
+    options = _shell.Options(
+      axis=axis,
+      momentum=momentum,
+      epsilon=epsilon,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      ghost_batch_size=ghost_batch_size,
+      renorm=renorm,
+      ema_warmup=ema_warmup,
+      running_var=running_var,
     )
-    self.step = nnx.data(nnx.BatchStat(jnp.zeros((), jnp.int32)) if _needs_step(renorm) else None)
+    init = _shell.initial_state(shape, param_dtype)
+    self.mean = nnx.BatchStat(init.mean)
+    self.var = nnx.BatchStat(init.var)
+    self.count = nnx.data(nnx.BatchStat(init.count) if _shell.needs_count(options) else None)
+    self.step = nnx.data(nnx.BatchStat(init.step) if _shell.needs_step(options) else None)
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
@@ -172,6 +184,7 @@ class BatchNorm(nnx.Module):
     self.ghost_batch_size = ghost_batch_size
     self.renorm = renorm
     self.ema_warmup = ema_warmup
+    self.running_var = running_var
 
   def __call__(
     self,
@@ -206,29 +219,17 @@ class BatchNorm(nnx.Module):
       bias=self.bias[...] if self.bias is not None else jnp.zeros(shape, self.param_dtype),
     )
     # Entries this configuration does not store are never read by the core.
-    state = BNState(
-      mean=self.mean[...],
-      var=self.var[...],
-      count=self.count[...] if self.count is not None else jnp.zeros(shape, jnp.float32),
-      step=self.step[...] if self.step is not None else jnp.zeros((), jnp.int32),
+    state = _shell.initial_state(shape, self.param_dtype)._replace(
+      mean=self.mean[...], var=self.var[...]
     )
-    if use_running_average:
-      y = bn_infer(params, state, x, epsilon=self.epsilon, axis=self.axis)
-    else:
-      y, new = bn_train(
-        params,
-        state,
-        x,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis=self.axis,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        ghost_batch_size=self.ghost_batch_size,
-        renorm=self.renorm,
-        ema_warmup=self.ema_warmup,
-      )
+    if self.count is not None:
+      state = state._replace(count=self.count[...])
+    if self.step is not None:
+      state = state._replace(step=self.step[...])
+    y, new = _shell.normalize(
+      params, state, x, _shell.options_of(self), use_running_average=use_running_average, mask=mask
+    )
+    if new is not None:
       self.mean[...] = new.mean
       self.var[...] = new.var
       if self.count is not None:
@@ -238,10 +239,12 @@ class BatchNorm(nnx.Module):
     return y if self.dtype is None else y.astype(self.dtype)
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` (and ``.train()`` / ``.eval()``) to switch modes.
+    """Class method used by ``nnx.view`` (and ``.train()`` / ``.eval()``).
 
     Args:
-      use_running_average: if given, the new value of the attribute.
+      use_running_average: if True, the stored running statistics are used
+        (evaluation); if False, the statistics of the input batch are used and
+        the running ones are updated (training).
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average

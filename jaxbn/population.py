@@ -284,13 +284,11 @@ def _stats_paths(fn: str, batch_stats: Any) -> dict[tuple[str, ...], dict[str, A
 
 
 def _state_of(entries: dict[str, Any]) -> BNState:
-  mean = jnp.asarray(entries["mean"], jnp.float32)
+  mean = jnp.asarray(entries["mean"])  # float32, or float64 for a float64 model
   return BNState(
     mean=mean,
-    var=jnp.asarray(entries["var"], jnp.float32),
-    count=jnp.asarray(entries["count"], jnp.float32)
-    if "count" in entries
-    else jnp.zeros_like(mean),
+    var=jnp.asarray(entries["var"], mean.dtype),
+    count=jnp.asarray(entries["count"], mean.dtype) if "count" in entries else jnp.zeros_like(mean),
     step=jnp.asarray(entries.get("step", 0), jnp.int32),
   )
 
@@ -350,9 +348,9 @@ def linen_population_stats(
   """
   import flax.linen as nn
 
+  from jaxbn import _shell
   from jaxbn import linen as jbn_linen
   from jaxbn.core import BNParams
-  from jaxbn.core import bn_train
 
   fn = "linen_population_stats"
   batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
@@ -380,17 +378,9 @@ def linen_population_stats(
         scale=mod.get_variable("params", "scale") if mod.use_scale else ones,
         bias=mod.get_variable("params", "bias") if mod.use_bias else zeros,
       )
-      y, new[key] = bn_train(
-        params,
-        states[key],
-        args[0],
-        epsilon=mod.epsilon,
-        axis=mod.axis,
-        axis_name=mod.axis_name,
-        axis_index_groups=mod.axis_index_groups,
-        mask=kwargs.get("mask"),
-        ghost_batch_size=mod.ghost_batch_size,
-        **bn_kwargs,
+      options = _shell.options_of(mod)._replace(**bn_kwargs)
+      y, new[key] = _shell.normalize(
+        params, states[key], args[0], options, use_running_average=False, mask=kwargs.get("mask")
       )
       return y if mod.dtype is None else y.astype(mod.dtype)
 
@@ -485,7 +475,7 @@ def nnx_population_stats(
     k: BNState(
       mean=bn.mean[...],
       var=bn.var[...],
-      count=bn.count[...] if bn.count is not None else jnp.zeros(bn.feature_shape, jnp.float32),
+      count=bn.count[...] if bn.count is not None else jnp.zeros_like(bn.mean[...]),
       step=bn.step[...] if bn.step is not None else jnp.zeros((), jnp.int32),
     )
     for k, bn in layers.items()

@@ -4,6 +4,9 @@ The reference is flax itself with use_fast_variance=False (two-pass variance,
 as jaxbn), and float64 NumPy for the closed forms.
 """
 
+import warnings
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -225,8 +228,8 @@ def test_bad_input_gets_the_core_errors():
   with pytest.raises(TypeError, match="x must be a floating-point array"):
     bn.init(jax.random.key(0), jnp.ones((4, 3), jnp.int32))
   variables = bn.init(jax.random.key(0), jnp.ones((4, 3)))
-  with pytest.raises(ValueError, match="1 value per feature"):
-    bn.apply(variables, jnp.ones((1, 3)), mutable=["batch_stats"])
+  with pytest.raises(ValueError, match="no value per feature"):
+    bn.apply(variables, jnp.ones((0, 3)), mutable=["batch_stats"])
   with pytest.raises(ValueError, match="out of range"):
     jbn.BatchNorm(axis=3, use_running_average=False).init(jax.random.key(0), jnp.ones((4, 3)))
 
@@ -279,3 +282,28 @@ def test_migrating_a_flax_model_is_one_import():
   # flax's default fast variance and jaxbn agree on data near zero.
   np.testing.assert_allclose(out_ours, out_flax, atol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), u_ours, u_flax)
+
+
+def test_one_example_init_is_silent_and_training_keeps_the_statistics():
+  """flax idioms: init on x[:1]; a last batch of one example warns, keeps stats."""
+  bn = jbn.BatchNorm(use_running_average=False)
+  x = _x((8, 3), loc=2.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    variables = bn.init(jax.random.key(0), x[:1])
+  with pytest.warns(jaxbn.SingleValueWarning, match="1 value per feature"):
+    y, upd = bn.apply(variables, x[:1], mutable=["batch_stats"])
+  np.testing.assert_array_equal(y, jnp.zeros((1, 3)))  # bias, as in flax
+  chex.assert_trees_all_equal(upd["batch_stats"], variables["batch_stats"])
+
+
+def test_float64_params_keep_float64_statistics_and_running_var_attribute():
+  with jax.enable_x64(True):
+    x = _x((8, 3), loc=2.0).astype(jnp.float64)
+    bn = jbn.BatchNorm(use_running_average=False, param_dtype=jnp.float64)
+    variables = bn.init(jax.random.key(0), x)
+    chex.assert_type(list(variables["batch_stats"].values()), jnp.float64)
+  bn = jbn.BatchNorm(use_running_average=False, momentum=0.0, running_var="unbiased")
+  x = _x((4, 3), loc=2.0)
+  _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  np.testing.assert_allclose(upd["batch_stats"]["var"], np.asarray(x).var(0, ddof=1), rtol=1e-5)

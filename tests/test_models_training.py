@@ -1,5 +1,6 @@
 """Models (linen, nnx, plain JAX) and the optax training loop."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,10 +185,11 @@ def test_bn_options_reach_the_layers():
 def test_bad_input_through_models_gets_the_core_errors():
   model = models.MLP(features=(4,))
   variables = model.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
-  with pytest.raises(ValueError, match="1 value per feature"):
-    model.apply(variables, jnp.ones((1, 3)), train=True, mutable=["batch_stats"])
+  with pytest.warns(jaxbn.SingleValueWarning, match="1 value per feature"):
+    _, upd = model.apply(variables, jnp.ones((1, 3)), train=True, mutable=["batch_stats"])
+  chex.assert_trees_all_equal(upd["batch_stats"], variables["batch_stats"])
   net = models.NNXMLP(3, (4,), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="1 value per feature"):
+  with pytest.warns(jaxbn.SingleValueWarning, match="1 value per feature"):
     net(jnp.ones((1, 3)), train=True)
   # A convolution's statistics also run over positions: one image is enough.
   cnn = models.NNXCNN(1, (4,), rngs=nnx.Rngs(0))

@@ -133,7 +133,7 @@ def test_extras_cumulative_average_and_renorm_schedule():
 
 def test_mask_and_output_dtype():
   x = _x((10, 2))
-  mask = jnp.arange(10) < 6
+  mask = (jnp.arange(10) < 6)[:, None]  # whole examples
   bn = jbn.BatchNorm(2, momentum=0.0, rngs=nnx.Rngs(0))
   bn(x, mask=mask)
   x64 = np.asarray(x, np.float64)[:6]
@@ -152,3 +152,17 @@ def test_bad_input_gets_the_core_errors():
     bn(jnp.ones((4, 4)))
   with pytest.raises(ValueError, match="num_features"):
     jbn.BatchNorm(0, rngs=nnx.Rngs(0))
+
+
+def test_numpy_int_features_view_docs_and_one_example():
+  bn = jbn.BatchNorm(np.int64(4), rngs=nnx.Rngs(0))
+  assert bn.mean[...].shape == (4,)
+  info = nnx.view_info(bn)
+  assert "stored running statistics" in info and "use_running_average" in info
+  # nnx.tabulate on one example, as flax's docs show it: a warning, no error,
+  # and the running statistics are unchanged.
+  model = nnx.Sequential(nnx.Linear(32, 4, rngs=nnx.Rngs(0)), jbn.BatchNorm(4, rngs=nnx.Rngs(1)))
+  with pytest.warns(jaxbn.SingleValueWarning):
+    table = nnx.tabulate(model, jnp.ones((1, 32)))
+  assert "BatchNorm" in table
+  np.testing.assert_array_equal(model.layers[1].var[...], np.ones(4))

@@ -1,0 +1,122 @@
+"""The one mapping from a batch-norm module's options to the core.
+
+``jaxbn.linen.BatchNorm`` and ``jaxbn.nnx.BatchNorm`` differ only in how
+they store variables; both describe their configuration with
+:class:`Options` and call :func:`normalize`, which calls
+:func:`jaxbn.bn_train` or :func:`jaxbn.bn_infer`. Which optional state
+entries a configuration stores (``count``, ``step``) is decided here too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+from jaxbn.core import Renorm
+from jaxbn.core import SingleValueWarning
+from jaxbn.core import bn_infer
+from jaxbn.core import bn_train
+from jaxbn.core import stats_dtype
+
+
+class Options(NamedTuple):
+  """Every option of the modules that reaches the core."""
+
+  axis: int | Sequence[int] = -1
+  momentum: float | None = 0.99
+  epsilon: float = 1e-5
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  ghost_batch_size: int | None = None
+  renorm: Renorm | None = None
+  ema_warmup: bool = False
+  running_var: str = "biased"
+
+
+def options_of(module: Any) -> Options:
+  """The :class:`Options` of a jaxbn module (read from its attributes of the same names)."""
+  return Options(**{k: getattr(module, k) for k in Options._fields})
+
+
+def needs_count(options: Options) -> bool:
+  """Whether the state stores the per-feature ``count`` (cumulative or warm-up EMA)."""
+  return options.momentum is None or bool(options.ema_warmup)
+
+
+def needs_step(options: Options) -> bool:
+  """Whether the state stores the update ``step`` (renorm limits that follow a schedule)."""
+  r = options.renorm
+  return r is not None and (callable(r.rmax) or callable(r.dmax))
+
+
+def initial_state(shape: tuple[int, ...], param_dtype: Any) -> BNState:
+  """``mean = 0``, ``var = 1``, ``count = 0``, ``step = 0`` in the statistics dtype."""
+  sdt = stats_dtype(param_dtype)
+  return BNState(
+    mean=jnp.zeros(shape, sdt),
+    var=jnp.ones(shape, sdt),
+    count=jnp.zeros(shape, sdt),
+    step=jnp.zeros((), jnp.int32),
+  )
+
+
+def feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:
+  """Sizes of ``x`` along the (sorted) feature axes, as the core orders them.
+
+  An invalid ``x`` or ``axis`` gives a placeholder shape: the core then raises
+  its own clear error when it is called on ``x``.
+  """
+  shape = tuple(getattr(x, "shape", ()))
+  n = len(shape)
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
+  if not isinstance(axes, (tuple, list)):
+    return (1,)
+  if not n or not axes or not all(isinstance(a, (int, np.integer)) and -n <= a < n for a in axes):
+    return (1,)
+  return tuple(shape[a] for a in sorted({int(a) % n for a in axes}))
+
+
+def normalize(
+  params: BNParams,
+  state: BNState,
+  x: jax.Array,
+  options: Options,
+  *,
+  use_running_average: bool,
+  mask: jax.Array | None = None,
+  initializing: bool = False,
+) -> tuple[jax.Array, BNState | None]:
+  """``(y, new_state)`` in training, ``(y, None)`` with the running statistics.
+
+  While a module initializes, the named-axis collective is skipped (the axis
+  need not exist yet) and no one-value-per-feature warning is raised (flax
+  idioms initialize on a single example); the state is not updated then.
+  """
+  if use_running_average:
+    return bn_infer(params, state, x, epsilon=options.epsilon, axis=options.axis), None
+  kwargs = dict(
+    momentum=options.momentum,
+    epsilon=options.epsilon,
+    axis=options.axis,
+    axis_name=None if initializing else options.axis_name,
+    axis_index_groups=None if initializing else options.axis_index_groups,
+    mask=mask,
+    ghost_batch_size=options.ghost_batch_size,
+    renorm=options.renorm,
+    ema_warmup=options.ema_warmup,
+    running_var=options.running_var,
+  )
+  if not initializing:
+    return bn_train(params, state, x, **kwargs)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", SingleValueWarning)
+    y, _ = bn_train(params, state, x, **kwargs)
+  return y, None
