@@ -779,3 +779,9 @@ def bn_infer(
   mean = state.mean.astype(cdt).reshape(lay.bshape)
   y = (x.astype(cdt) - mean) * a.reshape(lay.bshape) + params.bias.astype(cdt).reshape(lay.bshape)
   return y.astype(x.dtype)
+
+
+# Exported (``jax.export``) functions that take or return params and state
+# serialize them under these names.
+jax.export.register_namedtuple_serialization(BNParams, serialized_name="jaxbn.BNParams")
+jax.export.register_namedtuple_serialization(BNState, serialized_name="jaxbn.BNState")
