@@ -203,13 +203,3 @@ class BatchNorm(nn.Module):
       if step is not None:
         step.value = new.step
     return y if self.dtype is None else y.astype(self.dtype)
-
-
-def _needs_count(momentum: float | None, ema_warmup: bool) -> bool:
-  """Whether the running statistics need the per-feature ``count``."""
-  return _shell.needs_count(_shell.Options(momentum=momentum, ema_warmup=ema_warmup))
-
-
-def _needs_step(renorm: Renorm | None) -> bool:
-  """Whether the running statistics need the update ``step`` (renorm schedules)."""
-  return _shell.needs_step(_shell.Options(renorm=renorm))

@@ -1,0 +1,822 @@
+"""Porting PyTorch batch norms (and the layers around them) to jaxbn, and back.
+
+:func:`from_torch` turns a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``
+(or its state dict) into ``(BNParams, BNState)``; :func:`to_torch` writes them
+back. Both copy values exactly: ``weight -> scale``, ``bias -> bias``,
+``running_mean -> mean``, ``running_var -> var``, ``num_batches_tracked ->
+step``, in the tensors' own dtype (float64 needs ``jax_enable_x64``), so
+``torch -> jaxbn -> torch`` is bitwise the identity.
+
+PyTorch's conventions differ from jaxbn's default (flax's) ones;
+:func:`torch_settings` gives the jaxbn arguments that reproduce torch's
+training updates::
+
+    torch                                    jaxbn
+    momentum m (weight of the NEW value)     momentum = 1 - m (weight of the OLD value)
+    running_var += m (n/(n-1) var_B - ...)   running_var="unbiased"
+    momentum=None: 1/num_batches_tracked     momentum = step / (step + 1), step = state.step
+    eps                                      epsilon
+    affine=False                             scale 1, bias 0 (use_scale=use_bias=False)
+    track_running_stats=False                batch statistics at evaluation too
+
+The layouts differ too: torch activations are channel-first (NCHW; normalize
+them with ``axis=1``, or move the channels last with :func:`nchw_to_nhwc`),
+convolution weights ``(O, I, *spatial)`` (flax: ``(*spatial, I, O)``, see
+:func:`torch_conv_kernel`) and Linear weights ``(out, in)`` (flax Dense:
+``(in, out)``, see :func:`torch_linear_kernel`).
+
+PyTorch is needed only to call these functions: ``import jaxbn`` does not
+import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _shell
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+
+Array = jax.Array
+
+__all__ = (
+  "PORTED_COUNT",
+  "TorchSettings",
+  "from_torch",
+  "from_torch_linen",
+  "from_torch_model",
+  "from_torch_nnx",
+  "nchw_to_nhwc",
+  "nhwc_to_nchw",
+  "to_torch",
+  "to_torch_linen",
+  "to_torch_nnx",
+  "torch_conv_kernel",
+  "torch_linear_kernel",
+  "torch_settings",
+)
+
+PORTED_COUNT = 2.0**40
+"""``BNState.count`` given to ported statistics when their count is not known.
+
+PyTorch does not record how many values entered its running statistics. A
+count of 0 would make the first ``ema_warmup`` or ``momentum=None`` update
+replace them by the first batch's; this count makes them weigh as the
+statistics of a data set far larger than any batch instead: with
+``ema_warmup=True`` the update is exactly the plain EMA (torch's) for every
+batch of fewer than ``PORTED_COUNT * (1 - momentum) / momentum`` values per
+feature (1.2e11 at momentum 0.9), and with ``momentum=None`` a batch of ``n``
+values moves them by the weight ``n / (PORTED_COUNT + n)``. It is a power of 2,
+exact in float32, and small enough that ``var * count`` stays finite for any
+variance below 3e26.
+"""
+
+
+def _torch():
+  """Imports torch on first use, so that ``import jaxbn`` does not need it."""
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - torch is installed wherever this is tested
+    raise ImportError("jaxbn's PyTorch interop needs PyTorch: pip install 'jaxbn[torch]'.") from e
+  return torch
+
+
+# --------------------------------------------------------------------------
+# Settings
+
+
+class TorchSettings(NamedTuple):
+  """The jaxbn arguments that reproduce a torch batch norm's behaviour.
+
+  Attributes:
+    momentum: jaxbn's momentum (weight of the old value): ``1 - m`` for
+      torch's ``momentum=m``; ``None`` for torch's ``momentum=None`` (see
+      :meth:`train_kwargs` and :meth:`module_kwargs` for what that maps to).
+    epsilon: torch's ``eps``.
+    running_var: ``"unbiased"``: torch updates the running variance with
+      ``n/(n-1) var_B``.
+    affine: torch's ``affine``: False means scale 1 and bias 0, not trained.
+    track_running_stats: torch's ``track_running_stats``: False means the
+      batch statistics are used in evaluation too (call ``bn_train``, or the
+      modules with ``use_running_average=False``, and ignore the new state).
+  """
+
+  momentum: float | None
+  epsilon: float
+  running_var: str
+  affine: bool
+  track_running_stats: bool
+
+  def train_kwargs(self, state: BNState | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`jaxbn.bn_train` giving torch's update.
+
+    ``{"momentum", "epsilon", "running_var"}``. For torch's
+    ``momentum=None`` (a cumulative average with equal weight per batch: the
+    new batch weighs ``1 / num_batches_tracked`` after the increment), the
+    momentum is ``state.step / (state.step + 1)``, an array that gives
+    torch's update at every step (to rounding), under ``jit`` too.
+
+    Args:
+      state: the state about to be updated; needed only for torch's
+        ``momentum=None``.
+
+    Returns:
+      A dict to pass as ``**kwargs`` to ``bn_train``.
+
+    Raises:
+      ValueError: torch's ``momentum=None`` and no ``state``.
+    """
+    momentum = self.momentum
+    if momentum is None:
+      if state is None:
+        raise ValueError(
+          "TorchSettings.train_kwargs: torch's momentum=None weighs the new batch by "
+          "1 / (num_batches_tracked + 1); pass the state about to be updated "
+          "(train_kwargs(state)) so that its step gives that weight."
+        )
+      step = jnp.asarray(state.step).astype(state.mean.dtype)
+      momentum = step / (step + 1)
+    return {"momentum": momentum, "epsilon": self.epsilon, "running_var": self.running_var}
+
+  def module_kwargs(self) -> dict[str, Any]:
+    """Constructor arguments of :class:`jaxbn.linen.BatchNorm` / :class:`jaxbn.nnx.BatchNorm`.
+
+    ``{"momentum", "epsilon", "running_var", "use_scale", "use_bias"}``. A
+    module's momentum is a constant, so torch's ``momentum=None`` maps to
+    jaxbn's ``momentum=None``: the exact statistics of every value seen
+    (Chan's merge, weighted by ``count``), where torch averages per-batch
+    means and unbiased variances with equal weight per batch. With
+    ``count = num_batches_tracked * n`` (``from_torch(..., batch_values=n)``)
+    and batches of ``n`` values, the new batch's mean gets torch's weight
+    ``1 / (num_batches_tracked + 1)``; the variance differs from torch's by
+    the spread of the batch means (pooled, not averaged). For torch's exact
+    update use :func:`jaxbn.bn_train` with :meth:`train_kwargs`.
+
+    With ``track_running_stats=False``, call the module with
+    ``use_running_average=False`` in evaluation too.
+    """
+    return {
+      "momentum": self.momentum,
+      "epsilon": self.epsilon,
+      "running_var": self.running_var,
+      "use_scale": self.affine,
+      "use_bias": self.affine,
+    }
+
+
+def _check_bn_module(fn: str, module: Any) -> None:
+  torch = _torch()
+  if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+    raise TypeError(
+      f"{fn}: expected a torch BatchNorm1d/2d/3d or SyncBatchNorm, got {type(module).__name__}."
+    )
+  for t in (module.weight, module.running_mean):
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+      raise ValueError(f"{fn}: {type(module).__name__} is not initialized yet; run it once first.")
+
+
+def torch_settings(module: Any) -> TorchSettings:
+  """The jaxbn settings equivalent to a torch batch norm's.
+
+  Args:
+    module: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm`` (a state
+      dict does not hold these settings; torch's defaults map to
+      ``momentum=0.9, epsilon=1e-5, running_var="unbiased"``).
+
+  Returns:
+    :class:`TorchSettings`.
+
+  Examples:
+    >>> import torch
+    >>> import jaxbn
+    >>> s = jaxbn.torch_settings(torch.nn.BatchNorm2d(8))
+    >>> s.momentum, s.epsilon, s.running_var, s.affine, s.track_running_stats
+    (0.9, 1e-05, 'unbiased', True, True)
+    >>> jaxbn.torch_settings(torch.nn.BatchNorm1d(8, momentum=None, affine=False)).momentum is None
+    True
+  """
+  _check_bn_module("torch_settings", module)
+  return TorchSettings(
+    momentum=None if module.momentum is None else 1.0 - float(module.momentum),
+    epsilon=float(module.eps),
+    running_var="unbiased",
+    affine=bool(module.affine),
+    track_running_stats=bool(module.track_running_stats),
+  )
+
+
+# --------------------------------------------------------------------------
+# Batch norm: torch -> jaxbn
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+  """A torch tensor's values as a NumPy array of the same dtype (bfloat16 included)."""
+  torch = _torch()
+  if isinstance(t, torch.Tensor):
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: widen exactly, narrow in _to_jax
+      return t.float().numpy().astype(jnp.bfloat16)
+    return t.numpy()
+  return np.asarray(t)
+
+
+def _to_jax(t: Any, dtype: Any = None) -> Array:
+  a = _to_numpy(t)
+  # A copy: jnp.asarray with an explicit dtype can alias the NumPy buffer, i.e. the torch
+  # tensor's memory, which torch may later update in place. The explicit dtype makes JAX
+  # warn when float64 is truncated (x64 disabled).
+  return jnp.array(a, dtype=a.dtype if dtype is None else dtype, copy=True)
+
+
+def _stat_dtype(dtype: Any) -> Any:
+  """Running statistics stay in at least float32, as jaxbn's state always is."""
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+class _Tensors(NamedTuple):
+  weight: Any
+  bias: Any
+  running_mean: Any
+  running_var: Any
+  num_batches_tracked: Any
+  num_features: int
+
+
+def _tensors(fn: str, source: Any, prefix: str) -> _Tensors:
+  """The batch-norm tensors of a module or a state dict (``None`` where absent)."""
+  torch = _torch()
+  if isinstance(source, torch.nn.Module):
+    if prefix:
+      source = source.get_submodule(prefix.rstrip("."))
+    _check_bn_module(fn, source)
+    return _Tensors(
+      source.weight,
+      source.bias,
+      source.running_mean,
+      source.running_var,
+      source.num_batches_tracked,
+      int(source.num_features),
+    )
+  if not isinstance(source, Mapping):
+    raise TypeError(
+      f"{fn}: expected a torch batch-norm module or its state dict, got {type(source).__name__}."
+    )
+  names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+  got = {k: source.get(prefix + k) for k in names}
+  if (got["weight"] is None) != (got["bias"] is None):
+    raise ValueError(f"{fn}: the state dict has only one of {prefix}weight and {prefix}bias.")
+  if (got["running_mean"] is None) != (got["running_var"] is None):
+    raise ValueError(
+      f"{fn}: the state dict has only one of {prefix}running_mean and {prefix}running_var."
+    )
+  first = got["weight"] if got["weight"] is not None else got["running_mean"]
+  if first is None:
+    raise ValueError(
+      f"{fn}: no {prefix}weight or {prefix}running_mean in the state dict (keys: "
+      f"{sorted(source)[:8]}...); pass prefix= for a layer of a whole model's state dict, "
+      f"or the module itself for affine=False, track_running_stats=False."
+    )
+  return _Tensors(*got.values(), num_features=int(np.shape(first)[0]))
+
+
+def from_torch(
+  source: Any, *, prefix: str = "", batch_values: float | None = None
+) -> tuple[BNParams, BNState]:
+  r"""A torch batch norm's parameters and running statistics as ``(BNParams, BNState)``.
+
+  Exact copies, in the tensors' dtypes (state at least float32)::
+
+      scale = weight          (1 when affine=False)
+      bias  = bias            (0 when affine=False)
+      mean  = running_mean    (0 when track_running_stats=False)
+      var   = running_var     (1 when track_running_stats=False; torch's, unbiased)
+      step  = num_batches_tracked                     (int32)
+      count = num_batches_tracked * batch_values      (or PORTED_COUNT)
+
+  ``count`` is the number of values per feature behind the statistics, which
+  torch does not store. Given ``batch_values`` (the values per feature in each
+  of torch's training batches: ``N`` for ``(N, C)`` input, ``N*H*W`` for
+  ``(N, C, H, W)``), it is that number, and ``momentum=None`` goes on
+  weighting batches as torch did. Without it the count is
+  :data:`PORTED_COUNT`, so that ``ema_warmup=True`` and ``momentum=None``
+  keep the ported statistics instead of replacing them with the first
+  batch's (a count of 0 would).
+
+  Use the result with the arguments of :func:`torch_settings`; torch's layout
+  is channel-first, so ``axis=1`` (or move the channels last first)::
+
+      params, state = jaxbn.from_torch(module)
+      kw = jaxbn.torch_settings(module).train_kwargs(state)
+      y, state = jaxbn.bn_train(params, state, x, axis=1, **kw)
+
+  Args:
+    source: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``, a model
+      containing one (with ``prefix``), or a state dict.
+    prefix: the layer's name in a whole model (``"layer1.0.bn1"``) or its
+      key prefix in a state dict (``"layer1.0.bn1."``).
+    batch_values: values per feature in each torch training batch (see above).
+
+  Returns:
+    ``(params, state)``.
+
+  Raises:
+    TypeError: ``source`` is neither a batch norm nor a mapping.
+    ValueError: a state dict without the layer's tensors; a lazy module not
+      initialized yet; ``num_batches_tracked`` beyond int32.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, torch
+    >>> import jaxbn
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> _ = bn(torch.arange(12.0).reshape(4, 3))  # one training step in torch
+    >>> params, state = jaxbn.from_torch(bn)
+    >>> [round(v, 4) for v in state.mean.tolist()], state.step  # 0.1 of the batch mean
+    ([0.45, 0.55, 0.65], Array(1, dtype=int32))
+    >>> x = torch.arange(6.0).reshape(2, 3)
+    >>> y = jaxbn.bn_infer(params, state, jnp.asarray(x.numpy()), epsilon=bn.eps)
+    >>> np.allclose(y, bn.eval()(x).detach().numpy(), rtol=1e-6)
+    True
+  """
+  fn = "from_torch"
+  t = _tensors(fn, source, prefix)
+  c = t.num_features
+  ref = next((v for v in t[:4] if v is not None), None)
+  dtype = jnp.dtype(_to_numpy(ref).dtype) if ref is not None else _default_dtype()
+  if t.weight is not None:
+    params = BNParams(scale=_to_jax(t.weight), bias=_to_jax(t.bias))
+  else:
+    params = BNParams(scale=jnp.ones((c,), dtype), bias=jnp.zeros((c,), dtype))
+  sdtype = _stat_dtype(dtype if t.running_mean is None else _to_numpy(t.running_mean).dtype)
+  if t.running_mean is None:
+    mean, var = jnp.zeros((c,), sdtype), jnp.ones((c,), sdtype)
+    steps = 0
+  else:
+    mean, var = _to_jax(t.running_mean, sdtype), _to_jax(t.running_var, sdtype)
+    steps = 0 if t.num_batches_tracked is None else int(_to_numpy(t.num_batches_tracked))
+  if not 0 <= steps < 2**31:
+    raise ValueError(f"{fn}: num_batches_tracked={steps} does not fit BNState.step (int32).")
+  if t.running_mean is None:
+    count = 0.0
+  elif batch_values is None:
+    count = PORTED_COUNT
+  else:
+    count = float(steps) * float(batch_values)
+  state = BNState(
+    mean=mean,
+    var=var,
+    count=jnp.full((c,), count, sdtype),
+    step=jnp.asarray(steps, jnp.int32),
+  )
+  return params, state
+
+
+def _default_dtype() -> Any:
+  return jnp.dtype(str(_torch().get_default_dtype()).removeprefix("torch."))
+
+
+# --------------------------------------------------------------------------
+# Batch norm: jaxbn -> torch
+
+
+def to_torch(params: BNParams, state: BNState | None, module: Any) -> Any:
+  """Writes ``(params, state)`` into a torch batch norm, in place.
+
+  The inverse of :func:`from_torch`: ``weight``, ``bias``, ``running_mean``,
+  ``running_var`` and ``num_batches_tracked`` (from ``state.step``) take the
+  values, converted to the module's dtypes and device; ``state.count`` has
+  no torch counterpart and is dropped; a ``state.step`` of ``None`` leaves
+  ``num_batches_tracked`` as it is. A module with
+  ``track_running_stats=False`` has no running statistics: ``state`` is
+  ignored. Pass ``state=None`` to write the parameters only.
+
+  Args:
+    params: :class:`jaxbn.BNParams` of shape ``(num_features,)``.
+    state: :class:`jaxbn.BNState` of the same shape, or ``None``.
+    module: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``.
+
+  Returns:
+    ``module``.
+
+  Raises:
+    TypeError: ``module`` is not a torch batch norm.
+    ValueError: the shapes differ from ``(num_features,)``; or the module has
+      ``affine=False`` and ``params`` are not exactly scale 1, bias 0 (torch
+      could not represent them).
+
+  Examples:
+    >>> import torch
+    >>> import jaxbn
+    >>> params, state = jaxbn.bn_init(2)
+    >>> bn = jaxbn.to_torch(params._replace(scale=params.scale * 3), state, torch.nn.BatchNorm1d(2))
+    >>> bn.weight
+    Parameter containing:
+    tensor([3., 3.], requires_grad=True)
+  """
+  fn = "to_torch"
+  torch = _torch()
+  _check_bn_module(fn, module)
+  c = int(module.num_features)
+  for name, a in (("params.scale", params.scale), ("params.bias", params.bias)) + (
+    () if state is None else (("state.mean", state.mean), ("state.var", state.var))
+  ):
+    if tuple(np.shape(a)) != (c,):
+      raise ValueError(
+        f"{fn}: {name} has shape {tuple(np.shape(a))}, but the module has {c} features."
+      )
+
+  def put(dst: Any, src: Any) -> None:
+    # No torch.from_numpy: JAX's host buffers are read-only and may be bfloat16.
+    a = np.asarray(jax.device_get(src))
+    if a.dtype == jnp.bfloat16:
+      a = a.astype(np.float32)  # exact; copy_ narrows back to the module's dtype
+    dst.copy_(torch.as_tensor(a.copy()))
+
+  with torch.no_grad():
+    if module.affine:
+      put(module.weight, params.scale)
+      put(module.bias, params.bias)
+    else:
+      scale, bias = np.asarray(params.scale), np.asarray(params.bias)
+      if not (np.all(scale == 1) and np.all(bias == 0)):
+        raise ValueError(
+          f"{fn}: the module has affine=False (scale 1, bias 0), but params are not; "
+          f"make it with affine=True, or keep scale and bias fixed when training."
+        )
+    if state is not None and module.track_running_stats:
+      put(module.running_mean, state.mean)
+      put(module.running_var, state.var)
+      if state.step is not None:
+        module.num_batches_tracked.fill_(int(np.asarray(state.step)))
+  return module
+
+
+# --------------------------------------------------------------------------
+# flax: linen variables and nnx modules
+
+
+def _target_layout(fn: str, source: Any, bn: Any, prefix: str, batch_values: Any):
+  """Params, state and which entries the target module stores."""
+  params, state = from_torch(source, prefix=prefix, batch_values=batch_values)
+  if bn is None:
+    t = _tensors(fn, source, prefix)
+    affine = t.weight is not None
+    momentum = getattr(_bn_module(source, prefix), "momentum", 0.1)
+    use = {
+      "scale": affine,
+      "bias": affine,
+      "count": momentum is None,
+      "step": False,
+    }
+  else:
+    use = {
+      "scale": bool(bn.use_scale),
+      "bias": bool(bn.use_bias),
+      "count": _shell.needs_count(_shell.options_of(bn)),
+      "step": _shell.needs_step(_shell.options_of(bn)),
+    }
+  for name, fixed in (("scale", 1), ("bias", 0)):
+    if not use[name] and not np.all(np.asarray(getattr(params, name)) == fixed):
+      raise ValueError(
+        f"{fn}: the target module has use_{name}=False, but torch's {name} is not "
+        f"{fixed} everywhere; construct it with use_{name}=True (torch's affine=True)."
+      )
+  return params, state, use
+
+
+def _bn_module(source: Any, prefix: str) -> Any:
+  torch = _torch()
+  if isinstance(source, torch.nn.Module):
+    return source.get_submodule(prefix.rstrip(".")) if prefix else source
+  return None
+
+
+def from_torch_linen(
+  source: Any, bn: Any = None, *, prefix: str = "", batch_values: float | None = None
+) -> dict[str, dict[str, Array]]:
+  """Variables of a :class:`jaxbn.linen.BatchNorm` from a torch batch norm.
+
+  ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}`` with the
+  values of :func:`from_torch`, plus exactly the entries the target module
+  stores: ``batch_stats`` ``count`` with ``momentum=None`` or
+  ``ema_warmup=True``, ``step`` with a renorm schedule; no ``scale``
+  (``bias``) with ``use_scale=False`` (``use_bias=False``). Put the result
+  where the layer sits in the model's variables. The arrays keep torch's
+  dtypes: a float64 port runs in a module with ``param_dtype=jnp.float64``
+  (under ``jax_enable_x64``), whose statistics are float64 too.
+
+  Args:
+    source: a torch batch norm, a model (with ``prefix``) or a state dict.
+    bn: the :class:`jaxbn.linen.BatchNorm` these variables are for (only its
+      configuration is read). Default: the module
+      ``BatchNorm(**torch_settings(source).module_kwargs())`` (for a state
+      dict: affine as the dict has it, torch's default momentum).
+    prefix: see :func:`from_torch`.
+    batch_values: see :func:`from_torch`.
+
+  Returns:
+    The variables dict.
+
+  Raises:
+    ValueError: ``bn`` leaves out ``scale`` or ``bias`` that are not 1 or 0.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, torch
+    >>> import jaxbn
+    >>> from jaxbn import linen as jbn
+    >>> tbn = torch.nn.BatchNorm1d(3, momentum=0.1)
+    >>> variables = jaxbn.from_torch_linen(tbn)
+    >>> jax.tree.map(jnp.shape, variables)
+    {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+    >>> bn = jbn.BatchNorm(momentum=0.9, ema_warmup=True)
+    >>> sorted(jaxbn.from_torch_linen(tbn, bn)["batch_stats"])
+    ['count', 'mean', 'var']
+  """
+  params, state, use = _target_layout("from_torch_linen", source, bn, prefix, batch_values)
+  p = {k: getattr(params, k) for k in ("scale", "bias") if use[k]}
+  stats = {"mean": state.mean, "var": state.var}
+  if use["count"]:
+    stats["count"] = state.count
+  if use["step"]:
+    stats["step"] = state.step
+  return {"params": p, "batch_stats": stats}
+
+
+def _linen_core(variables: Mapping[str, Any]) -> tuple[BNParams, BNState]:
+  """``(params, state)`` of one linen layer's variables; ``step`` None when absent."""
+  p = variables.get("params", {})
+  s = variables["batch_stats"]
+  mean = s["mean"]
+  c = np.shape(mean)
+  params = BNParams(
+    scale=p.get("scale", jnp.ones(c, mean.dtype)), bias=p.get("bias", jnp.zeros(c, mean.dtype))
+  )
+  count = s.get("count", jnp.zeros(c, mean.dtype))
+  return params, BNState(mean=mean, var=s["var"], count=count, step=s.get("step"))
+
+
+def to_torch_linen(variables: Mapping[str, Any], module: Any) -> Any:
+  """Writes a :class:`jaxbn.linen.BatchNorm`'s variables into a torch batch norm.
+
+  The inverse of :func:`from_torch_linen`. A missing ``scale`` (``bias``)
+  counts as 1 (0); ``num_batches_tracked`` is written from ``step`` when the
+  variables have one, else left as it is.
+
+  Args:
+    variables: ``{"params": ..., "batch_stats": ...}`` of one layer.
+    module: the torch batch norm to write.
+
+  Returns:
+    ``module``.
+  """
+  _check_bn_module("to_torch_linen", module)
+  params, state = _linen_core(variables)
+  return to_torch(params, state, module)
+
+
+def from_torch_nnx(
+  source: Any, bn: Any, *, prefix: str = "", batch_values: float | None = None
+) -> Any:
+  """Fills an existing :class:`jaxbn.nnx.BatchNorm` with a torch batch norm's values.
+
+  ``scale``, ``bias`` (when the module has them), ``mean``, ``var``, and
+  ``count`` and ``step`` when the module stores them, with the values of
+  :func:`from_torch`; the arrays keep torch's dtypes (for a float64 port,
+  make ``bn`` with ``param_dtype=jnp.float64``, under ``jax_enable_x64``).
+
+  Args:
+    source: a torch batch norm, a model (with ``prefix``) or a state dict.
+    bn: the :class:`jaxbn.nnx.BatchNorm` to fill, in place.
+    prefix: see :func:`from_torch`.
+    batch_values: see :func:`from_torch`.
+
+  Returns:
+    ``bn``.
+
+  Raises:
+    ValueError: the feature counts differ, or ``bn`` has no ``scale``
+      (``bias``) while torch's is not 1 (0).
+
+  Examples:
+    >>> import torch
+    >>> from flax import nnx
+    >>> import jaxbn
+    >>> from jaxbn import nnx as jbn
+    >>> tbn = torch.nn.BatchNorm1d(2)
+    >>> _ = tbn(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    >>> bn = jaxbn.from_torch_nnx(tbn, jbn.BatchNorm(2, rngs=nnx.Rngs(0), momentum=0.9))
+    >>> bn.mean[...]
+    Array([0.2, 0.4], dtype=float32)
+  """
+  fn = "from_torch_nnx"
+  params, state, _ = _target_layout(fn, source, bn, prefix, batch_values)
+  if tuple(bn.feature_shape) != tuple(state.mean.shape):
+    raise ValueError(
+      f"{fn}: the nnx BatchNorm has feature shape {tuple(bn.feature_shape)}, torch's "
+      f"{tuple(state.mean.shape)}."
+    )
+  if bn.scale is not None:
+    bn.scale.set_value(params.scale)
+  if bn.bias is not None:
+    bn.bias.set_value(params.bias)
+  bn.mean.set_value(state.mean)
+  bn.var.set_value(state.var)
+  if bn.count is not None:
+    bn.count.set_value(state.count)
+  if bn.step is not None:
+    bn.step.set_value(state.step)
+  return bn
+
+
+def to_torch_nnx(bn: Any, module: Any) -> Any:
+  """Writes a :class:`jaxbn.nnx.BatchNorm`'s values into a torch batch norm.
+
+  The inverse of :func:`from_torch_nnx`; ``num_batches_tracked`` is written
+  from ``step`` when the module stores one, else left as it is.
+
+  Args:
+    bn: the :class:`jaxbn.nnx.BatchNorm`.
+    module: the torch batch norm to write.
+
+  Returns:
+    ``module``.
+  """
+  variables = {
+    "params": {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None},
+    "batch_stats": {
+      k: getattr(bn, k)[...] for k in ("mean", "var", "count", "step") if getattr(bn, k) is not None
+    },
+  }
+  return to_torch_linen(variables, module)
+
+
+# --------------------------------------------------------------------------
+# Layouts
+
+
+def torch_conv_kernel(weight: Any) -> Array:
+  """A torch convolution weight ``(O, I, *spatial)`` as a flax/XLA kernel ``(*spatial, I, O)``.
+
+  ``OIHW -> HWIO`` for ``Conv2d`` (``OIW -> WIO``, ``OIDHW -> DHWIO``), for
+  ``jax.lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC"))`` and
+  ``flax.linen.Conv``. Grouped convolutions need no change (``I`` is the
+  input channels per group in both). Both compute a cross-correlation, so
+  the kernel is not flipped. Not for ``ConvTranspose`` (weight ``(I, O, ...)``).
+
+  Args:
+    weight: a torch tensor or array of rank >= 3.
+
+  Returns:
+    The kernel as a JAX array of the same dtype.
+
+  Examples:
+    >>> import torch
+    >>> import jaxbn
+    >>> jaxbn.torch_port.torch_conv_kernel(torch.zeros(8, 3, 5, 5)).shape
+    (5, 5, 3, 8)
+  """
+  w = _to_jax(weight)
+  if w.ndim < 3:
+    raise ValueError(
+      f"torch_conv_kernel: expected a convolution weight (O, I, *spatial), got shape {w.shape}."
+    )
+  return jnp.moveaxis(w, (0, 1), (-1, -2))
+
+
+def torch_linear_kernel(weight: Any, input_chw: Sequence[int] | None = None) -> Array:
+  """A torch Linear weight ``(out, in)`` as a flax Dense kernel ``(in, out)``.
+
+  A Linear after ``torch.flatten`` of a channel-first activation ``(C, H,
+  W)`` reads its input in ``(c, h, w)`` order; a JAX model that flattens the
+  channel-last ``(H, W, C)`` activation needs the input rows permuted to
+  ``(h, w, c)`` order: pass ``input_chw=(C, H, W)`` (any number of spatial
+  axes).
+
+  Args:
+    weight: a torch tensor or array of shape ``(out, in)``.
+    input_chw: the channel-first shape (without the batch) that torch
+      flattened into this layer's input, or ``None``.
+
+  Returns:
+    The ``(in, out)`` kernel as a JAX array of the same dtype.
+
+  Examples:
+    >>> import torch
+    >>> import jaxbn
+    >>> w = torch.arange(8.0).reshape(1, 8)  # input (C, H, W) = (2, 2, 2)
+    >>> jaxbn.torch_port.torch_linear_kernel(w, input_chw=(2, 2, 2))[:, 0]
+    Array([0., 4., 1., 5., 2., 6., 3., 7.], dtype=float32)
+  """
+  w = _to_jax(weight)
+  if w.ndim != 2:
+    raise ValueError(f"torch_linear_kernel: expected a weight (out, in), got shape {w.shape}.")
+  if input_chw is not None:
+    chw = tuple(int(s) for s in input_chw)
+    if int(np.prod(chw)) != w.shape[1]:
+      raise ValueError(
+        f"torch_linear_kernel: input_chw={chw} has {int(np.prod(chw))} values, but the "
+        f"weight has {w.shape[1]} inputs."
+      )
+    w = jnp.moveaxis(w.reshape(w.shape[0], *chw), 1, -1).reshape(w.shape)
+  return w.T
+
+
+def nchw_to_nhwc(x: Any) -> Array:
+  """Channel-first activations ``(N, C, *spatial)`` as channel-last ``(N, *spatial, C)``.
+
+  Any rank >= 2 (``NCL``, ``NCHW``, ``NCDHW``); a torch tensor is copied to
+  a JAX array first.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbn
+    >>> jaxbn.torch_port.nchw_to_nhwc(jnp.zeros((2, 3, 4, 5))).shape
+    (2, 4, 5, 3)
+  """
+  x = _to_jax(x) if not isinstance(x, jax.Array) else x
+  return jnp.moveaxis(x, 1, -1)
+
+
+def nhwc_to_nchw(x: Any) -> Array:
+  """Channel-last activations ``(N, *spatial, C)`` as channel-first ``(N, C, *spatial)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbn
+    >>> jaxbn.torch_port.nhwc_to_nchw(jnp.zeros((2, 4, 5, 3))).shape
+    (2, 3, 4, 5)
+  """
+  x = _to_jax(x) if not isinstance(x, jax.Array) else x
+  return jnp.moveaxis(x, -1, 1)
+
+
+# --------------------------------------------------------------------------
+# Whole models
+
+
+def from_torch_model(
+  model: Any, bn: Any = None, *, batch_values: float | None = None
+) -> dict[str, dict[str, Any]]:
+  """Every Conv, Linear and batch norm of a torch model as flax variables.
+
+  ``{"params": {name: ...}, "batch_stats": {name: ...}}`` keyed by torch's
+  module names (``"layer1.0.conv1"``; rename them to the flax model's):
+
+  - ``Conv1d/2d/3d``: ``{"kernel"}`` via :func:`torch_conv_kernel`, and
+    ``"bias"`` when it has one (``flax.linen.Conv`` layout).
+  - ``Linear``: ``{"kernel"}`` via :func:`torch_linear_kernel` (without
+    ``input_chw``: fix a Linear after a flatten of channel-first maps with
+    ``torch_linear_kernel(weight, input_chw)``), and ``"bias"``.
+  - batch norms: :func:`from_torch_linen` (with ``bn`` and ``batch_values``).
+
+  Args:
+    model: a ``torch.nn.Module``.
+    bn: passed to :func:`from_torch_linen` for every batch norm.
+    batch_values: passed to :func:`from_torch_linen`.
+
+  Returns:
+    The variables dict.
+
+  Raises:
+    ValueError: a module of another type holds parameters or buffers of its
+      own (convert it by hand).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, torch
+    >>> import jaxbn
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    >>> v = jaxbn.torch_port.from_torch_model(net)
+    >>> jax.tree.map(jnp.shape, v["params"])
+    {'0': {'bias': (4,), 'kernel': (3, 3, 3, 4)}, '1': {'bias': (4,), 'scale': (4,)}}
+  """
+  torch = _torch()
+  nn = torch.nn
+  out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
+  for name, m in model.named_modules():
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+      v = from_torch_linen(m, bn, batch_values=batch_values)
+      if v["params"]:
+        out["params"][name] = v["params"]
+      out["batch_stats"][name] = v["batch_stats"]
+    elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+      conv = not isinstance(m, nn.Linear)
+      p = {"kernel": torch_conv_kernel(m.weight) if conv else torch_linear_kernel(m.weight)}
+      if m.bias is not None:
+        p["bias"] = _to_jax(m.bias)
+      out["params"][name] = p
+    else:
+      own = [n for n, _ in m.named_parameters(recurse=False)]
+      own += [n for n, b in m.named_buffers(recurse=False) if b is not None]
+      if own:
+        raise ValueError(
+          f"from_torch_model: {name or 'the model'} ({type(m).__name__}) holds {own}; "
+          f"only Conv1d/2d/3d, Linear and batch norms are converted. Convert it by hand."
+        )
+  return out
