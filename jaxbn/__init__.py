@@ -1,17 +1,23 @@
 """jaxbn: batch normalization for JAX, as pure functions.
 
-The core is ``bn_init``, ``bn_train`` and ``bn_infer`` (see :mod:`jaxbn.core`);
-statistics and their exact merges live in :mod:`jaxbn.numerics`;
-:mod:`jaxbn.torch_port` ports PyTorch batch norms (PyTorch is imported only
-when its functions are called).
+The pure core imports only jax, chex and numpy: ``bn_init``, ``bn_train`` and
+``bn_infer`` (:mod:`jaxbn.core`), statistics and their exact merges
+(:mod:`jaxbn.numerics`), population statistics (:mod:`jaxbn.population`) and
+folding one layer (:mod:`jaxbn.folding`). Everything built on frameworks is
+imported on first use: the flax shells (:mod:`jaxbn.linen`,
+:mod:`jaxbn.nnx`), models (:mod:`jaxbn.models`), optax training
+(:mod:`jaxbn.training`), the PyTorch port (:mod:`jaxbn.torch_port`), so
+``import jaxbn`` loads none of flax, optax, orbax, scikit-learn, matplotlib,
+tqdm or torch.
 """
 
-from jaxbn import linen
-from jaxbn import models
-from jaxbn import nnx
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from jaxbn import numerics
-from jaxbn import torch_port
-from jaxbn import training
+from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -22,28 +28,58 @@ from jaxbn.core import bn_train
 from jaxbn.core import renorm_schedule
 from jaxbn.core import stats_dtype
 from jaxbn.folding import fold_bn
-from jaxbn.folding import fold_linen
-from jaxbn.folding import fold_nnx
-from jaxbn.folding import fold_params
-from jaxbn.population import linen_population_stats
-from jaxbn.population import nnx_population_stats
 from jaxbn.population import population_stats
-from jaxbn.torch_port import TorchSettings
-from jaxbn.torch_port import from_torch
-from jaxbn.torch_port import from_torch_linen
-from jaxbn.torch_port import from_torch_nnx
-from jaxbn.torch_port import to_torch
-from jaxbn.torch_port import torch_settings
-from jaxbn.training import TrainState
-from jaxbn.training import bn_weight_decay_mask
-from jaxbn.training import create_train_state
-from jaxbn.training import eval_step
-from jaxbn.training import fit
-from jaxbn.training import train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Public names loaded on first use: name -> (module, attribute or None for the module).
+_LAZY: dict[str, tuple[str, str | None]] = {
+  "cli": ("jaxbn.cli", None),
+  "data": ("jaxbn.data", None),
+  "engine": ("jaxbn.engine", None),
+  "linen": ("jaxbn.linen", None),
+  "models": ("jaxbn.models", None),
+  "nnx": ("jaxbn.nnx", None),
+  "reproduce": ("jaxbn.reproduce", None),
+  "torch_port": ("jaxbn.torch_port", None),
+  "training": ("jaxbn.training", None),
+  "linen_population_stats": ("jaxbn.linen", "linen_population_stats"),
+  "nnx_population_stats": ("jaxbn.nnx", "nnx_population_stats"),
+  "fold_linen": ("jaxbn.models", "fold_linen"),
+  "fold_nnx": ("jaxbn.models", "fold_nnx"),
+  "fold_params": ("jaxbn.models", "fold_params"),
+  "TrainState": ("jaxbn.training", "TrainState"),
+  "bn_weight_decay_mask": ("jaxbn.training", "bn_weight_decay_mask"),
+  "create_train_state": ("jaxbn.training", "create_train_state"),
+  "eval_step": ("jaxbn.training", "eval_step"),
+  "fit": ("jaxbn.training", "fit"),
+  "train_step": ("jaxbn.training", "train_step"),
+  "TorchSettings": ("jaxbn.torch_port", "TorchSettings"),
+  "from_torch": ("jaxbn.torch_port", "from_torch"),
+  "from_torch_linen": ("jaxbn.torch_port", "from_torch_linen"),
+  "from_torch_nnx": ("jaxbn.torch_port", "from_torch_nnx"),
+  "to_torch": ("jaxbn.torch_port", "to_torch"),
+  "torch_settings": ("jaxbn.torch_port", "torch_settings"),
+}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _LAZY:
+    raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+  module, attr = _LAZY[name]
+  value = importlib.import_module(module)
+  if attr is not None:
+    value = getattr(value, attr)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = (
+  "BNOptions",
   "BNParams",
   "BNState",
   "Renorm",
@@ -55,6 +91,7 @@ __all__ = (
   "bn_train",
   "bn_weight_decay_mask",
   "create_train_state",
+  "data",
   "eval_step",
   "fit",
   "fold_bn",

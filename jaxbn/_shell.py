@@ -12,33 +12,20 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
-from jaxbn.core import Renorm
 from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_train
 from jaxbn.core import stats_dtype
 
-
-class Options(NamedTuple):
-  """Every option of the modules that reaches the core."""
-
-  axis: int | Sequence[int] = -1
-  momentum: float | None = 0.99
-  epsilon: float = 1e-5
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  ghost_batch_size: int | None = None
-  renorm: Renorm | None = None
-  ema_warmup: bool = False
-  running_var: str = "biased"
+Options = BNOptions  # every option of the modules that reaches the core
 
 
 def options_of(module: Any) -> Options:

@@ -107,6 +107,35 @@ class Renorm(NamedTuple):
   dmax: Schedule = 5.0
 
 
+class BNOptions(NamedTuple):
+  """Every option of :func:`bn_train` as one value, for models and modules.
+
+  ``bn_train(params, state, x, **options._asdict())`` trains with them; the
+  flax modules and :mod:`jaxbn.models` take one ``BNOptions`` instead of
+  repeating each option. See :func:`bn_train` for their meaning.
+
+  Examples:
+    >>> import jaxbn
+    >>> opts = jaxbn.BNOptions(momentum=0.9)
+    >>> params, state = jaxbn.bn_init(2)
+    >>> import jax.numpy as jnp
+    >>> _, state = jaxbn.bn_train(params, state, jnp.array([[0.0, 1.0], [2.0, 3.0]]),
+    ...                           **opts._asdict())
+    >>> [round(m, 4) for m in state.mean.tolist()]  # 0.9 * 0 + 0.1 * batch mean
+    [0.1, 0.2]
+  """
+
+  momentum: float | None = 0.99
+  epsilon: float = 1e-5
+  axis: Axis = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  ghost_batch_size: int | None = None
+  renorm: Renorm | None = None
+  ema_warmup: bool = False
+  running_var: str = "biased"
+
+
 def renorm_schedule(
   rmax: float = 3.0,
   dmax: float = 5.0,
@@ -764,7 +793,7 @@ def bn_infer(
     >>> import jaxbn
     >>> params, state = jaxbn.bn_init(2)
     >>> state = state._replace(mean=jnp.array([1.0, 2.0]), var=jnp.array([4.0, 1.0]))
-    >>> jaxbn.bn_infer(params, state, jnp.array([[3.0, 2.0]]), epsilon=0.0)
+    >>> jaxbn.bn_infer(params, state, jnp.array([[3.0, 2.0]])).round(4)
     Array([[1., 0.]], dtype=float32)
 
   References:

@@ -3,6 +3,7 @@
 Change one import and a flax model uses jaxbn::
 
     from jaxbn import linen as jbn   # instead of: import flax.linen as nn
+from flax import traverse_util
     ... jbn.BatchNorm(use_running_average=not train, momentum=0.9)(x) ...
 
 The constructor, the ``__call__`` signature and the variable tree are flax's,
@@ -17,19 +18,23 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from flax.linen import initializers
 
 from jaxbn import _shell
 from jaxbn.core import BNParams
+from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.population import population_stats
 
-__all__ = ("BatchNorm",)
+__all__ = ("BatchNorm", "linen_population_stats")
 
 
 class BatchNorm(nn.Module):
@@ -203,3 +208,146 @@ class BatchNorm(nn.Module):
       if step is not None:
         step.value = new.step
     return y if self.dtype is None else y.astype(self.dtype)
+
+
+# --------------------------------------------------------------------------
+# Population statistics of a linen model.
+
+
+def _stats_paths(fn: str, batch_stats: Any) -> dict[tuple[str, ...], dict[str, Any]]:
+  """The batch-norm layers in a ``'batch_stats'`` tree: path -> its entries."""
+  flat = traverse_util.flatten_dict(dict(batch_stats))
+  layers: dict[tuple[str, ...], dict[str, Any]] = {}
+  for key, value in flat.items():
+    layers.setdefault(tuple(key[:-1]), {})[key[-1]] = value
+  layers = {p: e for p, e in layers.items() if "mean" in e and "var" in e}
+  if not layers:
+    raise ValueError(
+      f"{fn}: variables have no 'batch_stats' with 'mean' and 'var': the model has "
+      f"no batch-norm layer to compute statistics for."
+    )
+  return layers
+
+
+def _state_of(entries: dict[str, Any]) -> BNState:
+  mean = jnp.asarray(entries["mean"])  # float32, or float64 for a float64 model
+  return BNState(
+    mean=mean,
+    var=jnp.asarray(entries["var"], mean.dtype),
+    count=jnp.asarray(entries["count"], mean.dtype) if "count" in entries else jnp.zeros_like(mean),
+    step=jnp.asarray(entries.get("step", 0), jnp.int32),
+  )
+
+
+def linen_population_stats(
+  model: Any,
+  variables: Any,
+  batches: Iterable[Any],
+  *,
+  estimator: str = "exact",
+  progress: bool = False,
+  total: int | None = None,
+  **apply_kwargs: Any,
+) -> dict:
+  """:func:`population_stats` for a flax.linen model using :class:`jaxbn.linen.BatchNorm`.
+
+  Every :class:`jaxbn.linen.BatchNorm` call in ``model.apply(variables, x,
+  **apply_kwargs)`` is intercepted (``flax.linen.intercept_methods``) and
+  replaced by :func:`jaxbn.bn_train` with the layer's own ``axis``,
+  ``epsilon``, ``axis_name``, ``axis_index_groups``, ``ghost_batch_size`` and
+  ``mask``, but with the overrides of :func:`population_stats`
+  (``momentum=None, renorm=None``), whatever the module's attributes and its
+  ``use_running_average``: the layers see batch-normalized inputs as in
+  training (Algorithm 2), and the statistics cannot be running averages.
+
+  Args:
+    model: a ``flax.linen.Module``, e.g. :class:`jaxbn.models.MLP` or
+      :class:`jaxbn.models.CNN`.
+    variables: its variables (``'params'`` and ``'batch_stats'``).
+    batches: an iterable of inputs ``x``.
+    estimator: ``"exact"`` or ``"paper"`` (see :func:`population_stats`).
+    progress: show a progress bar.
+    total: number of batches, for the progress bar.
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=True``).
+
+  Returns:
+    A copy of ``variables`` whose ``'batch_stats'`` hold the population
+    ``mean`` and ``var`` (and ``count`` where the layer keeps one).
+
+  Raises:
+    ValueError: a layer with ``'batch_stats'`` is not a
+      :class:`jaxbn.linen.BatchNorm` (e.g. ``flax.linen.BatchNorm``: use the
+      drop-in) or is called more than once per forward pass.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxbn
+    >>> from jaxbn.models import MLP
+    >>> model = MLP(features=(4,), num_classes=2)
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3)) + 5.0
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> variables = jaxbn.linen_population_stats(
+    ...     model, variables, [x[:32], x[32:]], train=True, progress=False)
+    >>> h = x @ variables['params']['Dense_0']['kernel']
+    >>> bool(jnp.allclose(variables['batch_stats']['BatchNorm_0']['mean'], h.mean(0), atol=1e-5))
+    True
+  """
+  fn = "linen_population_stats"
+  batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
+  layers = _stats_paths(fn, batch_stats)
+  states = {"/".join(p): _state_of(e) for p, e in layers.items()}
+
+  def forward(variables, states, x, **bn_kwargs):
+    new: dict[str, BNState] = {}
+
+    def intercept(next_fun, args, kwargs, context):
+      mod = context.module
+      if not isinstance(mod, BatchNorm) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      key = "/".join(mod.path)
+      if key in new:
+        raise ValueError(
+          f"{fn}: the batch-norm layer {key!r} is called more than once per forward "
+          f"pass; its statistics would mix several inputs."
+        )
+      if key not in states:
+        raise ValueError(f"{fn}: the batch-norm layer {key!r} has no 'batch_stats'.")
+      shape = states[key].mean.shape
+      ones, zeros = jnp.ones(shape, mod.param_dtype), jnp.zeros(shape, mod.param_dtype)
+      params = BNParams(
+        scale=mod.get_variable("params", "scale") if mod.use_scale else ones,
+        bias=mod.get_variable("params", "bias") if mod.use_bias else zeros,
+      )
+      options = _shell.options_of(mod)._replace(**bn_kwargs)
+      y, new[key] = _shell.normalize(
+        params, states[key], args[0], options, use_running_average=False, mask=kwargs.get("mask")
+      )
+      return y if mod.dtype is None else y.astype(mod.dtype)
+
+    with nn.intercept_methods(intercept):
+      out = model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)
+    missing = sorted(set(states) - set(new))
+    if missing:
+      raise ValueError(
+        f"{fn}: the layers {missing} have 'batch_stats' but were not run as "
+        f"jaxbn.linen.BatchNorm (flax.linen.BatchNorm? use the drop-in "
+        f"jaxbn.linen.BatchNorm, or jaxbn.population_stats with a forward function)."
+      )
+    return out[0], {k: new[k] for k in states}
+
+  got = population_stats(
+    forward, variables, states, batches, estimator=estimator, progress=progress, total=total
+  )
+  new_stats = {}
+  for path, entries in layers.items():
+    s = got["/".join(path)]
+    entries = dict(entries, mean=s.mean, var=s.var)
+    if "count" in entries:
+      entries["count"] = s.count
+    new_stats[path] = entries
+  flat = {(*p, k): v for p, e in new_stats.items() for k, v in e.items()}
+  full = traverse_util.flatten_dict(dict(batch_stats))
+  full.update(flat)
+  out = dict(variables)
+  out["batch_stats"] = traverse_util.unflatten_dict(full)
+  return out

@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -26,9 +27,11 @@ from flax.nnx.nn import initializers
 
 from jaxbn import _shell
 from jaxbn.core import BNParams
+from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.population import population_stats
 
-__all__ = ("BatchNorm",)
+__all__ = ("BatchNorm", "nnx_population_stats")
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -248,3 +251,93 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------
+# Population statistics of an nnx model.
+
+
+def nnx_population_stats(
+  model: Any,
+  batches: Iterable[Any],
+  *,
+  estimator: str = "exact",
+  progress: bool = False,
+  total: int | None = None,
+  **call_kwargs: Any,
+) -> None:
+  """:func:`population_stats` for a flax.nnx model using :class:`jaxbn.nnx.BatchNorm`.
+
+  Updates, in place, the ``mean`` and ``var`` (and ``count`` where kept) of
+  every :class:`jaxbn.nnx.BatchNorm` in ``model`` with statistics over
+  ``batches``. Each batch runs ``model(x, **call_kwargs)`` on a copy of the
+  model (``nnx.split`` / ``nnx.merge`` under ``jax.jit``) whose batch-norm
+  layers are put in training mode with the overrides of
+  :func:`population_stats` (``momentum=None, renorm=None``) set as
+  attributes of the copy; ``model`` itself is only written at the end.
+  ``call_kwargs`` must not force the layers into evaluation mode
+  (``use_running_average=True``): that is detected and raises.
+
+  Args:
+    model: a ``flax.nnx.Module``, e.g. :class:`jaxbn.models.NNXMLP` or
+      :class:`jaxbn.models.NNXCNN`.
+    batches: an iterable of inputs ``x``.
+    estimator: ``"exact"`` or ``"paper"``.
+    progress: show a progress bar.
+    total: number of batches, for the progress bar.
+    **call_kwargs: passed to ``model(x, ...)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jaxbn
+    >>> from jaxbn.models import NNXMLP
+    >>> model = NNXMLP(3, features=(4,), num_classes=2, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3)) + 5.0
+    >>> jaxbn.nnx_population_stats(model, [x[:32], x[32:]], progress=False)
+    >>> h = x @ model.dense[0].kernel[...]
+    >>> bool(jnp.allclose(model.bn[0].mean[...], h.mean(0), atol=1e-5))
+    True
+  """
+  fn = "nnx_population_stats"
+
+  def bn_layers(m):
+    return {"/".join(map(str, p)): n for p, n in nnx.iter_graph(m) if isinstance(n, BatchNorm)}
+
+  layers = bn_layers(model)
+  if not layers:
+    raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
+  states = {
+    k: BNState(
+      mean=bn.mean[...],
+      var=bn.var[...],
+      count=bn.count[...] if bn.count is not None else jnp.zeros_like(bn.mean[...]),
+      step=bn.step[...] if bn.step is not None else jnp.zeros((), jnp.int32),
+    )
+    for k, bn in layers.items()
+  }
+  graphdef, nnx_state = nnx.split(model)
+
+  def forward(nnx_state, states, x, **bn_kwargs):
+    copy = nnx.merge(graphdef, nnx_state)
+    copies = bn_layers(copy)
+    for k, bn in copies.items():
+      s = states[k]
+      bn.mean[...], bn.var[...] = s.mean, s.var
+      # The copy keeps the count and step even where the model does not.
+      bn.count, bn.step = nnx.BatchStat(s.count), nnx.BatchStat(s.step)
+      bn.use_running_average = False
+      for name, value in bn_kwargs.items():
+        setattr(bn, name, value)
+    out = copy(x, **call_kwargs)
+    return out, {
+      k: BNState(bn.mean[...], bn.var[...], bn.count[...], bn.step[...]) for k, bn in copies.items()
+    }
+
+  got = population_stats(
+    forward, nnx_state, states, batches, estimator=estimator, progress=progress, total=total
+  )
+  for k, bn in layers.items():
+    bn.mean[...], bn.var[...] = got[k].mean, got[k].var
+    if bn.count is not None:
+      bn.count[...] = got[k].count

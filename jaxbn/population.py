@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from jaxbn import numerics
 from jaxbn.core import BNState
@@ -142,7 +141,7 @@ def population_stats(
   batches: Iterable[Any],
   *,
   estimator: str = "exact",
-  progress: bool = True,
+  progress: bool = False,
   total: int | None = None,
 ) -> Any:
   r"""Statistics over a whole data set for every batch-norm layer of a model.
@@ -187,7 +186,7 @@ def population_stats(
     batches: an iterable of inputs ``x`` (arrays or pytrees; for a data
       iterator that yields ``(x, y)``, pass ``(x for x, _ in it)``).
     estimator: ``"exact"`` or ``"paper"``.
-    progress: show a tqdm progress bar.
+    progress: show a tqdm progress bar (off by default: a library call prints nothing).
     total: number of batches, for the progress bar when ``batches`` has no
       ``len``.
 
@@ -234,7 +233,11 @@ def population_stats(
   zero = [numerics.Moments(*(jnp.zeros_like(s.mean) for _ in range(3))) for s in leaves]
   acc = (zero, [numerics.batch_average_init(s.mean.shape) for s in leaves])
   seen = 0
-  for x in tqdm(batches, total=total, disable=not progress, desc=fn, leave=False):
+  if progress:
+    from tqdm.auto import tqdm
+
+    batches = tqdm(batches, total=total, desc=fn, leave=False)
+  for x in batches:
     new = batch_states(params, probes, x)
     if seen == 0:
       other = [_probe(s, 2.0) for s in leaves]
@@ -264,244 +267,3 @@ def population_stats(
 
 # --------------------------------------------------------------------------
 # Flax models: the same mechanism, with the forward built from the model.
-
-
-def _stats_paths(fn: str, batch_stats: Any) -> dict[tuple[str, ...], dict[str, Any]]:
-  """The batch-norm layers in a ``'batch_stats'`` tree: path -> its entries."""
-  from flax import traverse_util
-
-  flat = traverse_util.flatten_dict(dict(batch_stats))
-  layers: dict[tuple[str, ...], dict[str, Any]] = {}
-  for key, value in flat.items():
-    layers.setdefault(tuple(key[:-1]), {})[key[-1]] = value
-  layers = {p: e for p, e in layers.items() if "mean" in e and "var" in e}
-  if not layers:
-    raise ValueError(
-      f"{fn}: variables have no 'batch_stats' with 'mean' and 'var': the model has "
-      f"no batch-norm layer to compute statistics for."
-    )
-  return layers
-
-
-def _state_of(entries: dict[str, Any]) -> BNState:
-  mean = jnp.asarray(entries["mean"])  # float32, or float64 for a float64 model
-  return BNState(
-    mean=mean,
-    var=jnp.asarray(entries["var"], mean.dtype),
-    count=jnp.asarray(entries["count"], mean.dtype) if "count" in entries else jnp.zeros_like(mean),
-    step=jnp.asarray(entries.get("step", 0), jnp.int32),
-  )
-
-
-def linen_population_stats(
-  model: Any,
-  variables: Any,
-  batches: Iterable[Any],
-  *,
-  estimator: str = "exact",
-  progress: bool = True,
-  total: int | None = None,
-  **apply_kwargs: Any,
-) -> dict:
-  """:func:`population_stats` for a flax.linen model using :class:`jaxbn.linen.BatchNorm`.
-
-  Every :class:`jaxbn.linen.BatchNorm` call in ``model.apply(variables, x,
-  **apply_kwargs)`` is intercepted (``flax.linen.intercept_methods``) and
-  replaced by :func:`jaxbn.bn_train` with the layer's own ``axis``,
-  ``epsilon``, ``axis_name``, ``axis_index_groups``, ``ghost_batch_size`` and
-  ``mask``, but with the overrides of :func:`population_stats`
-  (``momentum=None, renorm=None``), whatever the module's attributes and its
-  ``use_running_average``: the layers see batch-normalized inputs as in
-  training (Algorithm 2), and the statistics cannot be running averages.
-
-  Args:
-    model: a ``flax.linen.Module``, e.g. :class:`jaxbn.models.MLP` or
-      :class:`jaxbn.models.CNN`.
-    variables: its variables (``'params'`` and ``'batch_stats'``).
-    batches: an iterable of inputs ``x``.
-    estimator: ``"exact"`` or ``"paper"`` (see :func:`population_stats`).
-    progress: show a progress bar.
-    total: number of batches, for the progress bar.
-    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=True``).
-
-  Returns:
-    A copy of ``variables`` whose ``'batch_stats'`` hold the population
-    ``mean`` and ``var`` (and ``count`` where the layer keeps one).
-
-  Raises:
-    ValueError: a layer with ``'batch_stats'`` is not a
-      :class:`jaxbn.linen.BatchNorm` (e.g. ``flax.linen.BatchNorm``: use the
-      drop-in) or is called more than once per forward pass.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import jaxbn
-    >>> from jaxbn.models import MLP
-    >>> model = MLP(features=(4,), num_classes=2)
-    >>> x = jax.random.normal(jax.random.key(0), (64, 3)) + 5.0
-    >>> variables = model.init(jax.random.key(1), x, train=False)
-    >>> variables = jaxbn.linen_population_stats(
-    ...     model, variables, [x[:32], x[32:]], train=True, progress=False)
-    >>> h = x @ variables['params']['Dense_0']['kernel']
-    >>> bool(jnp.allclose(variables['batch_stats']['BatchNorm_0']['mean'], h.mean(0), atol=1e-5))
-    True
-  """
-  import flax.linen as nn
-
-  from jaxbn import _shell
-  from jaxbn import linen as jbn_linen
-  from jaxbn.core import BNParams
-
-  fn = "linen_population_stats"
-  batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
-  layers = _stats_paths(fn, batch_stats)
-  states = {"/".join(p): _state_of(e) for p, e in layers.items()}
-
-  def forward(variables, states, x, **bn_kwargs):
-    new: dict[str, BNState] = {}
-
-    def intercept(next_fun, args, kwargs, context):
-      mod = context.module
-      if not isinstance(mod, jbn_linen.BatchNorm) or context.method_name != "__call__":
-        return next_fun(*args, **kwargs)
-      key = "/".join(mod.path)
-      if key in new:
-        raise ValueError(
-          f"{fn}: the batch-norm layer {key!r} is called more than once per forward "
-          f"pass; its statistics would mix several inputs."
-        )
-      if key not in states:
-        raise ValueError(f"{fn}: the batch-norm layer {key!r} has no 'batch_stats'.")
-      shape = states[key].mean.shape
-      ones, zeros = jnp.ones(shape, mod.param_dtype), jnp.zeros(shape, mod.param_dtype)
-      params = BNParams(
-        scale=mod.get_variable("params", "scale") if mod.use_scale else ones,
-        bias=mod.get_variable("params", "bias") if mod.use_bias else zeros,
-      )
-      options = _shell.options_of(mod)._replace(**bn_kwargs)
-      y, new[key] = _shell.normalize(
-        params, states[key], args[0], options, use_running_average=False, mask=kwargs.get("mask")
-      )
-      return y if mod.dtype is None else y.astype(mod.dtype)
-
-    with nn.intercept_methods(intercept):
-      out = model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)
-    missing = sorted(set(states) - set(new))
-    if missing:
-      raise ValueError(
-        f"{fn}: the layers {missing} have 'batch_stats' but were not run as "
-        f"jaxbn.linen.BatchNorm (flax.linen.BatchNorm? use the drop-in "
-        f"jaxbn.linen.BatchNorm, or jaxbn.population_stats with a forward function)."
-      )
-    return out[0], {k: new[k] for k in states}
-
-  got = population_stats(
-    forward, variables, states, batches, estimator=estimator, progress=progress, total=total
-  )
-  new_stats = {}
-  for path, entries in layers.items():
-    s = got["/".join(path)]
-    entries = dict(entries, mean=s.mean, var=s.var)
-    if "count" in entries:
-      entries["count"] = s.count
-    new_stats[path] = entries
-  from flax import traverse_util
-
-  flat = {(*p, k): v for p, e in new_stats.items() for k, v in e.items()}
-  full = traverse_util.flatten_dict(dict(batch_stats))
-  full.update(flat)
-  out = dict(variables)
-  out["batch_stats"] = traverse_util.unflatten_dict(full)
-  return out
-
-
-def nnx_population_stats(
-  model: Any,
-  batches: Iterable[Any],
-  *,
-  estimator: str = "exact",
-  progress: bool = True,
-  total: int | None = None,
-  **call_kwargs: Any,
-) -> None:
-  """:func:`population_stats` for a flax.nnx model using :class:`jaxbn.nnx.BatchNorm`.
-
-  Updates, in place, the ``mean`` and ``var`` (and ``count`` where kept) of
-  every :class:`jaxbn.nnx.BatchNorm` in ``model`` with statistics over
-  ``batches``. Each batch runs ``model(x, **call_kwargs)`` on a copy of the
-  model (``nnx.split`` / ``nnx.merge`` under ``jax.jit``) whose batch-norm
-  layers are put in training mode with the overrides of
-  :func:`population_stats` (``momentum=None, renorm=None``) set as
-  attributes of the copy; ``model`` itself is only written at the end.
-  ``call_kwargs`` must not force the layers into evaluation mode
-  (``use_running_average=True``): that is detected and raises.
-
-  Args:
-    model: a ``flax.nnx.Module``, e.g. :class:`jaxbn.models.NNXMLP` or
-      :class:`jaxbn.models.NNXCNN`.
-    batches: an iterable of inputs ``x``.
-    estimator: ``"exact"`` or ``"paper"``.
-    progress: show a progress bar.
-    total: number of batches, for the progress bar.
-    **call_kwargs: passed to ``model(x, ...)``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> import jaxbn
-    >>> from jaxbn.models import NNXMLP
-    >>> model = NNXMLP(3, features=(4,), num_classes=2, rngs=nnx.Rngs(0))
-    >>> x = jax.random.normal(jax.random.key(0), (64, 3)) + 5.0
-    >>> jaxbn.nnx_population_stats(model, [x[:32], x[32:]], progress=False)
-    >>> h = x @ model.dense[0].kernel[...]
-    >>> bool(jnp.allclose(model.bn[0].mean[...], h.mean(0), atol=1e-5))
-    True
-  """
-  from flax import nnx
-
-  from jaxbn import nnx as jbn_nnx
-
-  fn = "nnx_population_stats"
-
-  def bn_layers(m):
-    return {
-      "/".join(map(str, p)): n for p, n in nnx.iter_graph(m) if isinstance(n, jbn_nnx.BatchNorm)
-    }
-
-  layers = bn_layers(model)
-  if not layers:
-    raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
-  states = {
-    k: BNState(
-      mean=bn.mean[...],
-      var=bn.var[...],
-      count=bn.count[...] if bn.count is not None else jnp.zeros_like(bn.mean[...]),
-      step=bn.step[...] if bn.step is not None else jnp.zeros((), jnp.int32),
-    )
-    for k, bn in layers.items()
-  }
-  graphdef, nnx_state = nnx.split(model)
-
-  def forward(nnx_state, states, x, **bn_kwargs):
-    copy = nnx.merge(graphdef, nnx_state)
-    copies = bn_layers(copy)
-    for k, bn in copies.items():
-      s = states[k]
-      bn.mean[...], bn.var[...] = s.mean, s.var
-      # The copy keeps the count and step even where the model does not.
-      bn.count, bn.step = nnx.BatchStat(s.count), nnx.BatchStat(s.step)
-      bn.use_running_average = False
-      for name, value in bn_kwargs.items():
-        setattr(bn, name, value)
-    out = copy(x, **call_kwargs)
-    return out, {
-      k: BNState(bn.mean[...], bn.var[...], bn.count[...], bn.step[...]) for k, bn in copies.items()
-    }
-
-  got = population_stats(
-    forward, nnx_state, states, batches, estimator=estimator, progress=progress, total=total
-  )
-  for k, bn in layers.items():
-    bn.mean[...], bn.var[...] = got[k].mean, got[k].var
-    if bn.count is not None:
-      bn.count[...] = got[k].count

@@ -141,10 +141,12 @@ def test_accepts_a_one_shot_generator_and_an_already_jitted_forward(capsys):
   batches = _batches([10] * 30, seed=3)
   want = jaxbn.population_stats(forward, params, states, batches, progress=False)
   gen = (x for x in batches)  # no len, consumed once
-  got = jaxbn.population_stats(jax.jit(forward), params, states, gen, total=30)
+  got = jaxbn.population_stats(jax.jit(forward), params, states, gen, total=30, progress=True)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6)
-  assert "population_stats" in capsys.readouterr().err  # the progress bar
+  assert "population_stats" in capsys.readouterr().err  # the progress bar, when asked
+  jaxbn.population_stats(forward, params, states, batches)
+  assert capsys.readouterr().err == ""  # silent by default
 
 
 def test_a_forward_that_ignores_the_options_fails_instead_of_returning_ema():

@@ -1,0 +1,63 @@
+"""MLP and CNN classifiers with batch norm: in flax.linen, flax.nnx, and plain JAX.
+
+Every model places batch norm as the paper does, between the affine map and
+the nonlinearity, ``z = g(BN(W u))``, and drops the affine bias when batch
+norm follows it (``beta`` takes its role). ``use_bn=False`` gives the same
+network without batch norm, its affine layers with their bias. The head
+returns logits; the softmax lives in the loss
+(``optax.softmax_cross_entropy_with_integer_labels``).
+
+Three versions with the same hyper-parameters:
+
+- linen: :class:`MLP`, :class:`CNN`, called as
+  ``model.apply(variables, x, train=...)``;
+- nnx: :class:`NNXMLP`, :class:`NNXCNN`, switched with ``.train()`` /
+  ``.eval()`` or ``model(x, train=...)``;
+- plain functions of ``(params, state, x)`` calling :func:`jaxbn.bn_train` /
+  :func:`jaxbn.bn_infer` directly: :func:`init_mlp` / :func:`apply_mlp` and
+  :func:`init_cnn` / :func:`apply_cnn`.
+
+The batch-norm options ``momentum``, ``epsilon``, ``ghost_batch_size``,
+``renorm``, ``ema_warmup`` and ``axis_name`` go to every batch-norm layer.
+
+The input of the hidden units (after batch norm, before the activation) of
+every hidden layer is sown into the ``'intermediates'`` collection under the
+name ``'preactivation'``, one entry per hidden layer in order (linen: pass
+``mutable=['intermediates']``; nnx: ``nnx.capture(nnx.Intermediate)``); the
+functional ``apply_*`` return them when ``return_preactivations=True``. The
+last hidden layer's is ``[...]['preactivation'][-1]`` (Fig. 1(b, c) of the
+paper plots its percentiles over training).
+
+References:
+  Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167,
+  Sec. 3.2 (placement, convolutions) and Sec. 4.1 (the MNIST network:
+  three hidden layers of 100 sigmoid units).
+"""
+
+from jaxbn.models._common import PREACTIVATION
+from jaxbn.models.functional import apply_cnn
+from jaxbn.models.functional import apply_mlp
+from jaxbn.models.functional import fold_params
+from jaxbn.models.functional import init_cnn
+from jaxbn.models.functional import init_mlp
+from jaxbn.models.linen import CNN
+from jaxbn.models.linen import MLP
+from jaxbn.models.linen import fold_linen
+from jaxbn.models.nnx import NNXCNN
+from jaxbn.models.nnx import NNXMLP
+from jaxbn.models.nnx import fold_nnx
+
+__all__ = (
+  "CNN",
+  "MLP",
+  "NNXCNN",
+  "NNXMLP",
+  "PREACTIVATION",
+  "apply_cnn",
+  "apply_mlp",
+  "fold_linen",
+  "fold_nnx",
+  "fold_params",
+  "init_cnn",
+  "init_mlp",
+)
