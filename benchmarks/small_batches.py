@@ -21,6 +21,10 @@ layer on the training set with :func:`jaxbn.population_stats` (exact
 statistics, the training-mode network run on batches of the training size, as
 Algorithm 2 prescribes). Mean and standard deviation over ``--seeds``.
 
+The runs are :func:`jaxbn.reproduce.small_batches.configurations`, each
+trained by :func:`jaxbn.engine.train` for every seed at once; seed ``s`` draws
+the weights and the data order (:func:`jaxbn.data.epoch_order`).
+
 Usage:
   python benchmarks/small_batches.py [--seeds 3] [--epochs 6] [--lr 0.1]
 """
@@ -28,108 +32,66 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jaxbn
 from jaxbn import data
+from jaxbn import engine
 from jaxbn.models import apply_mlp
 from jaxbn.models import init_mlp
+from jaxbn.reproduce.small_batches import configurations
 
-SIZES = (2, 4, 8)
-GHOST_BATCH = 32
 MOMENTUM = 0.99
 
 
-def scaled_renorm(total_steps: int) -> jaxbn.Renorm:
-  """The paper's schedule (5k / 25k / 40k steps) scaled to a short budget."""
-  return jaxbn.renorm_schedule(
-    3.0,
-    5.0,
-    warmup_steps=max(1, round(0.05 * total_steps)),
-    rmax_steps=max(2, round(0.40 * total_steps)),
-    dmax_steps=max(2, round(0.25 * total_steps)),
-  )
+def _test_accuracy(params, states, ds: data.Dataset) -> float:
+  logits, _ = apply_mlp(params, states, ds.x_test, train=False)
+  return float(engine.accuracy(logits, ds.y_test))
 
 
-def _train(seed: int, ds: data.Dataset, batch: int, epochs: int, lr: float, bn: dict[str, Any]):
-  """Trains one MLP; returns (params, running states)."""
-  params, states = init_mlp(jax.random.key(seed), ds.x_train.shape[1])
-  tx = optax.sgd(lr)
-  opt_state = tx.init(params)
-
-  def step(carry, xy):
-    params, opt_state, states = carry
-    x, y = xy
-
-    def loss_fn(params):
-      logits, new_states = apply_mlp(params, states, x, train=True, momentum=MOMENTUM, **bn)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_states
-
-    (_, states), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, states), None
-
-  @jax.jit
-  def epoch(carry, xs, ys):
-    return jax.lax.scan(step, carry, (xs, ys))[0]
-
-  rng = np.random.default_rng(seed)
-  n = len(ds.x_train) - len(ds.x_train) % batch
-  carry = (params, opt_state, states)
-  for _ in range(epochs):
-    idx = rng.permutation(len(ds.x_train))[:n].reshape(-1, batch)
-    carry = epoch(carry, ds.x_train[idx], ds.y_train[idx])
-  return carry[0], carry[2]
-
-
-@jax.jit
-def _accuracy(params, states, x, y):
-  logits, _ = apply_mlp(params, states, x, train=False)
-  return jnp.mean(jnp.argmax(logits, -1) == y)
-
-
-def _recalibrate(params, states, ds: data.Dataset, batch: int, bn: dict[str, Any]):
+def _recalibrate(params, states, ds: data.Dataset, batch: int, bn: dict):
   ghost = bn.get("ghost_batch_size")
 
   def forward(params, states, x, **bn_kwargs):
     return apply_mlp(params, states, x, train=True, ghost_batch_size=ghost, **bn_kwargs)
 
   batches = (x for x, _ in data.batches(ds.x_train, ds.y_train, batch))
-  return jaxbn.population_stats(forward, params, states, batches, progress=False)
-
-
-def configurations(epochs: int, n_train: int):
-  """(label, normalization size, optimizer batch, bn options) of every run."""
-  for g in SIZES:
-    steps = epochs * (n_train // g)
-    yield ("plain", g, g, {})
-    yield ("renorm", g, g, {"renorm": scaled_renorm(steps)})
-    yield ("ghost", g, GHOST_BATCH, {"ghost_batch_size": g})
-  yield ("plain", GHOST_BATCH, GHOST_BATCH, {})
+  return jaxbn.population_stats(forward, params, states, batches)
 
 
 def run(seeds: int, epochs: int, lr: float) -> list[dict]:
   ds = data.load_digits().flat()
+  init = functools.partial(init_mlp, in_features=ds.x_train.shape[1])
   rows = []
   for label, g, batch, bn in configurations(epochs, len(ds.x_train)):
+    steps = epochs * (len(ds.x_train) // batch)
+    params, states = engine.init_runs(init, range(seeds))
+    trained = engine.train(
+      functools.partial(apply_mlp, momentum=MOMENTUM, **bn),
+      params,
+      states,
+      ds.x_train,
+      ds.y_train,
+      steps=steps,
+      batch_size=batch,
+      learning_rate=lr,
+      seed=list(range(seeds)),  # every seed at once
+    )
     running, recal = [], []
-    for seed in range(seeds):
-      params, states = _train(seed, ds, batch, epochs, lr, bn)
-      running.append(float(_accuracy(params, states, ds.x_test, ds.y_test)))
-      pop = _recalibrate(params, states, ds, batch, bn)
-      recal.append(float(_accuracy(params, pop, ds.x_test, ds.y_test)))
+    for i in range(seeds):
+      params, states = jax.tree.map(lambda t, i=i: t[i], (trained.params, trained.state))
+      running.append(_test_accuracy(params, states, ds))
+      recal.append(_test_accuracy(params, _recalibrate(params, states, ds, batch, bn), ds))
     rows.append(
       dict(
         method=label,
         g=g,
         batch=batch,
-        steps=epochs * (len(ds.x_train) // batch),
+        steps=steps,
         running=(100 * np.mean(running), 100 * np.std(running)),
         recalibrated=(100 * np.mean(recal), 100 * np.std(recal)),
       )

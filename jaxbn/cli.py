@@ -1,13 +1,15 @@
 """The ``jaxbn`` command line.
 
 ``jaxbn reproduce`` runs the paper's Section 4.1 experiment and its companions
-(:mod:`jaxbn.experiments`), prints a results table and writes
+(:mod:`jaxbn.reproduce`), prints a results table and writes
 ``results.json`` and PNG figures::
 
     jaxbn reproduce --out results                      # bundled 8x8 digits, ~2 min on 2 cores
     jaxbn reproduce --dataset mnist --data mnist.npz --steps 50000 --out mnist
 
-``python -m jaxbn`` is the same command.
+``python -m jaxbn`` is the same command. This module imports only the
+configuration at load time (``jaxbn --help`` starts fast); the training, with
+optax and flax, and the figures, with matplotlib, load when a command runs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxbn import experiments
+from jaxbn.reproduce.config import Config
+from jaxbn.reproduce.config import load_data
+from jaxbn.reproduce.report import format_table
+from jaxbn.reproduce.report import write_results
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   """The parser, and that of ``reproduce`` (for its usage in error messages)."""
-  defaults = experiments.Config()
+  defaults = Config()
   parser = argparse.ArgumentParser(
     prog="jaxbn", description="Batch normalization for JAX: reproduce the paper's experiments."
   )
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   dataset = args.dataset or ("mnist" if args.data else "digits")
   if dataset == "digits" and args.data:
     sub.error("--data is for --dataset mnist; the digits are bundled with scikit-learn.")
-  config = experiments.Config(
+  config = Config(
     steps=args.steps,
     cnn_steps=args.cnn_steps,
     seeds=tuple(args.seeds),
@@ -121,18 +126,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     config.validate()
     if config.dataset == "mnist":
-      experiments.load_data(config)  # fail on a bad file before any training
+      load_data(config)  # fail on a bad file before any training
   except (ValueError, FileNotFoundError) as e:
     sub.error(str(e))
+  # Imported here, not at the top: optax and flax (training), matplotlib (figures).
+  from jaxbn.reproduce.figures import write_figures
+  from jaxbn.reproduce.run import reproduce
+
   start = time.perf_counter()
-  results = experiments.reproduce(config)
-  paths = experiments.write_outputs(results, args.out)
+  results = reproduce(config)
+  paths = [write_results(results, args.out), *write_figures(results, args.out)]
   ds = results["dataset"]
   print(
     f"\n{ds['name']}: {ds['train']} training and {ds['test']} test images of shape "
     f"{tuple(ds['image_shape'])}; mini-batch {config.batch_size}; seeds {list(config.seeds)}"
   )
-  print(experiments.format_table(results))
+  print(format_table(results))
   print(f"\nwrote {', '.join(paths)}")
   print(f"done in {time.perf_counter() - start:.0f} s")
   return 0

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxbn import cli
-from jaxbn import experiments
+from jaxbn.reproduce import config as config_lib
+from jaxbn.reproduce import run as run_lib
 
 TINY = ["--steps", "4", "--seeds", "0", "--eval-every", "2", "--no-progress"]
 RUN_KEYS = {
@@ -78,11 +79,11 @@ def test_reproduce_on_a_tiny_budget_writes_results_and_figures(tmp_path, capsys)
 
 def test_vectorized_runs_match_runs_one_by_one():
   # vmap over (lr, seed) runs must give what training each run alone gives.
-  ds = experiments.load_data(experiments.Config())[0].flat()
+  ds = config_lib.load_data(config_lib.Config())[0].flat()
   common = dict(steps=6, eval_every=3, batch_size=60, target=0.5, progress=False)
-  net = experiments._mlp_net(64, "sigmoid", True, 0.05)
-  together = experiments._train_net(net, ds, (0.5, 2.0), (1,), **common)
-  one_by_one = experiments._train_net(
+  net = run_lib._mlp_net(64, "sigmoid", True, 0.05)
+  together = run_lib._train_net(net, ds, (0.5, 2.0), (1,), **common)
+  one_by_one = run_lib._train_net(
     dataclasses.replace(net, vectorize=False), ds, (0.5, 2.0), (1,), **common
   )
   for a, b in zip(together["runs"], one_by_one["runs"], strict=True):
@@ -92,15 +93,6 @@ def test_vectorized_runs_match_runs_one_by_one():
     assert a["accuracy_population"] == pytest.approx(b["accuracy_population"], abs=1e-3)
   # Different rates train differently (the runs are not one run repeated).
   assert together["runs"][0]["percentiles"] != together["runs"][1]["percentiles"]
-
-
-def test_batches_are_shuffled_epochs():
-  idx = experiments._batch_indices(3, n=130, steps=5, batch_size=60)
-  assert idx.shape == (5, 60)
-  # Two batches per epoch (10 examples dropped): each epoch visits 120 distinct examples.
-  for epoch in (idx[0:2], idx[2:4]):
-    assert len(np.unique(epoch)) == 120
-  assert not np.array_equal(idx[0], idx[2])
 
 
 def _write_mnist_npz(path, n_train=64, n_test=32):
@@ -172,6 +164,21 @@ def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, extra, messa
   assert "usage: jaxbn reproduce" in err
   assert re.search(message, err), err
   assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_loads_no_framework():
+  # `jaxbn --help` stays fast: training, figures and data sets load when a command runs.
+  heavy = ("flax", "optax", "matplotlib", "sklearn", "tqdm", "orbax")
+  code = f"import sys, jaxbn.cli; print([m for m in {heavy!r} if m in sys.modules])"
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "[]"
 
 
 def test_python_dash_m_jaxbn_is_the_command_line():

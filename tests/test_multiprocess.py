@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxbn import engine
 from jaxbn import training
 from tests import multiprocess_worker as worker
 
@@ -127,7 +128,7 @@ def _per_device_loss(params, state, xs, ys):
     variables = {"params": params, "batch_stats": state.batch_stats}
     logits, upd = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    out.append((ce, upd["batch_stats"], training._accuracy(logits, y)))
+    out.append((ce, upd["batch_stats"], engine.accuracy(logits, y)))
   n = len(out)
   stats = jax.tree.map(lambda *s: sum(s) / n, *(o[1] for o in out))
   return sum(o[0] for o in out) / n, (stats, sum(o[2] for o in out) / n)

@@ -1,7 +1,6 @@
 """Small batches: batch renormalization and ghost batches, as the benchmark uses them."""
 
-import importlib.util
-import pathlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,17 +9,12 @@ import pytest
 
 import jaxbn
 from jaxbn import data
+from jaxbn import engine
+from jaxbn import models
+from jaxbn.reproduce import small_batches
 from tests.reference import bn_train_ref
 
 EPS = 1e-5
-_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "small_batches.py"
-
-
-def _benchmark():
-  spec = importlib.util.spec_from_file_location("small_batches", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _setup(n=8, c=3, seed=0):
@@ -38,7 +32,7 @@ def _loss(params, state, x, **kw):
 
 
 def test_scaled_schedule_ramps_over_the_budget():
-  renorm = _benchmark().scaled_renorm(1000)
+  renorm = small_batches.scaled_renorm(1000)
   at = lambda f, t: float(f(jnp.int32(t)))
   assert at(renorm.rmax, 0) == 1.0 and at(renorm.dmax, 0) == 0.0
   assert at(renorm.rmax, 50) == 1.0 and at(renorm.dmax, 50) == 0.0  # 5%: plain BN
@@ -49,7 +43,7 @@ def test_scaled_schedule_ramps_over_the_budget():
 
 def test_renorm_at_the_start_of_the_schedule_is_plain_batch_norm():
   params, state, x = _setup()
-  renorm = _benchmark().scaled_renorm(1000)
+  renorm = small_batches.scaled_renorm(1000)
   (_, (y_r, s_r)), g_r = jax.value_and_grad(_loss, argnums=(0, 2), has_aux=True)(
     params, state, x, renorm=renorm
   )
@@ -62,7 +56,7 @@ def test_renorm_at_the_start_of_the_schedule_is_plain_batch_norm():
 def test_renorm_at_the_end_of_the_schedule_corrects_toward_the_running_statistics():
   params, state, x = _setup(n=2)  # batch of 2: the statistics the lecture says are lost
   state = state._replace(step=jnp.int32(1000))
-  y, _ = jaxbn.bn_train(params, state, x, renorm=_benchmark().scaled_renorm(1000))
+  y, _ = jaxbn.bn_train(params, state, x, renorm=small_batches.scaled_renorm(1000))
   xd = np.asarray(x, np.float64)
   mu, var = xd.mean(0), xd.var(0)
   sigma = np.sqrt(np.asarray(state.var, np.float64) + EPS)
@@ -105,9 +99,8 @@ def test_ghost_size_that_does_not_divide_the_batch_is_an_error():
 
 
 def test_every_configuration_sees_the_same_examples():
-  bench = _benchmark()
   n_train, epochs = 1347, 6
-  rows = list(bench.configurations(epochs, n_train))
+  rows = list(small_batches.configurations(epochs, n_train))
   assert {(label, g) for label, g, _, _ in rows} >= {
     (m, g) for m in ("plain", "renorm", "ghost") for g in (2, 4, 8)
   }
@@ -122,12 +115,17 @@ def test_every_configuration_sees_the_same_examples():
 
 
 def test_a_short_renorm_run_at_batch_2_learns_and_counts_its_steps():
-  bench = _benchmark()
   ds = data.load_digits().flat()
   ds = ds._replace(x_train=ds.x_train[:400], y_train=ds.y_train[:400])
-  bn = {"renorm": bench.scaled_renorm(200)}
-  params, states = bench._train(0, ds, 2, 1, 0.3, bn)
+  renorm = small_batches.scaled_renorm(200)
+  apply = functools.partial(models.apply_mlp, momentum=0.99, renorm=renorm)
+  params, states = models.init_mlp(jax.random.key(0), ds.x_train.shape[1])
+  trained = engine.train(
+    apply, params, states, ds.x_train, ds.y_train, steps=200, batch_size=2, learning_rate=0.3
+  )
+  params, states = trained.params, trained.state
   assert all(int(s.step) == 200 for s in states)
   assert all(bool(jnp.all(jnp.isfinite(s.var))) for s in states)
-  acc = float(bench._accuracy(params, states, ds.x_test, ds.y_test))
+  logits, _ = models.apply_mlp(params, states, ds.x_test, train=False)
+  acc = float(engine.accuracy(logits, ds.y_test))
   assert acc > 0.3  # chance is 0.1; 200 steps of batch 2

@@ -1,0 +1,70 @@
+"""The paper's MNIST experiment (Sec. 4.1, Fig. 1), reproduced at laptop scale.
+
+:func:`reproduce` trains the network of Section 4.1 (three fully connected
+hidden layers of 100 sigmoid units, a softmax output, mini-batches of 60,
+plain SGD, weights from ``N(0, init_std)``) with and without batch norm, over
+several seeds and learning rates, plus ReLU networks (where high rates make
+the plain network diverge) and a small CNN with and without batch norm. For
+every run it records:
+
+* the test accuracy every ``eval_every`` steps (Fig. 1(a)), with the running
+  averages at inference, and the first step that reaches ``target``;
+* the 15th, 50th and 85th percentiles over the test set of the input to one
+  sigmoid of the last hidden layer (Fig. 1(b, c));
+* the final test accuracy with the running averages and with statistics over
+  the whole training set (:func:`jaxbn.population_stats`, Algorithm 2).
+
+The parts: :class:`Config` and :func:`load_data` (:mod:`~jaxbn.reproduce.config`);
+:func:`reproduce`, the runs on :mod:`jaxbn.engine`
+(:mod:`~jaxbn.reproduce.run`); :func:`summarize`, :func:`format_table` and
+:func:`write_results` (:mod:`~jaxbn.reproduce.report`); :func:`write_figures`
+(:mod:`~jaxbn.reproduce.figures`, the only one that imports matplotlib).
+``jaxbn reproduce`` (:mod:`jaxbn.cli`) chains them.
+:mod:`~jaxbn.reproduce.small_batches` holds the design of the companion
+small-batch study (``benchmarks/small_batches.py``). Importing this package
+loads only the configuration and the report; the training and the figures,
+with optax, flax and matplotlib, load on first use.
+
+References:
+  Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167,
+  Sec. 4.1 and Figure 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jaxbn.reproduce.config import PERCENTILES
+from jaxbn.reproduce.config import Config
+from jaxbn.reproduce.config import load_data
+from jaxbn.reproduce.report import format_table
+from jaxbn.reproduce.report import summarize
+from jaxbn.reproduce.report import write_results
+
+# Loaded on first use: they import optax and flax (run) or matplotlib (figures).
+_LAZY = {"reproduce": "jaxbn.reproduce.run", "write_figures": "jaxbn.reproduce.figures"}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _LAZY:
+    raise AttributeError(f"module 'jaxbn.reproduce' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_LAZY[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = (
+  "PERCENTILES",
+  "Config",
+  "format_table",
+  "load_data",
+  "reproduce",
+  "summarize",
+  "write_figures",
+  "write_results",
+)

@@ -1,0 +1,110 @@
+"""What ``jaxbn reproduce`` runs: :class:`Config`, and the data set it names."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxbn import data as data_lib
+
+# The percentiles of the watched sigmoid input recorded at each evaluation (Fig. 1(b, c)).
+PERCENTILES = (15.0, 50.0, 85.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything :func:`jaxbn.reproduce.reproduce` needs; the defaults are the documented run.
+
+  Attributes:
+    steps: SGD steps of each MLP run.
+    cnn_steps: SGD steps of each CNN run (convolutions are costlier on CPU).
+    seeds: seeds (weights and data order); runs are vectorized over them.
+    lrs: learning rates of the MLP sweep.
+    cnn_lrs: learning rates of the CNN runs.
+    fig1_lr: the rate of the Figure 1 analogues (one of ``lrs``; by default
+      2.0 if it is one, else the largest).
+    activations: hidden activations of the MLP sweep (``'sigmoid'`` is the
+      paper's, and the Figure 1 plots need it; ``'relu'`` shows the plain
+      network failing at high rates).
+    model: ``'mlp'``, ``'cnn'`` or ``'both'``.
+    dataset: ``'digits'`` (bundled 8x8, offline) or ``'mnist'`` (from ``data``).
+    data: path of ``mnist.npz`` or of the IDX directory.
+    batch_size: examples per step (the paper's 60).
+    init_std: std of the Gaussian initial weights of the MLP.
+    cnn_features: channels of the CNN's convolution blocks.
+    eval_every: steps between evaluations.
+    target: test accuracy whose first crossing is reported.
+    progress: show tqdm progress bars (the command line does, unless
+      ``--no-progress``).
+
+  Examples:
+    >>> from jaxbn.reproduce import Config
+    >>> config = Config(steps=10, seeds=(0,), lrs=(0.5,), model="mlp",
+    ...                 activations=("sigmoid",), eval_every=5)
+    >>> config.validate().fig1_lr is None  # resolved by reproduce: the largest rate
+    True
+    >>> Config(lrs=(0.1,), fig1_lr=2.0).validate()
+    Traceback (most recent call last):
+    ...
+    ValueError: fig1_lr=2.0 must be one of lrs=[0.1].
+  """
+
+  steps: int = 2000
+  cnn_steps: int | None = None
+  seeds: tuple[int, ...] = (0, 1, 2)
+  lrs: tuple[float, ...] = (0.01, 0.1, 0.5, 2.0, 5.0)
+  cnn_lrs: tuple[float, ...] = (0.1, 1.0)
+  fig1_lr: float | None = None
+  activations: tuple[str, ...] = ("sigmoid", "relu")
+  model: str = "both"
+  dataset: str = "digits"
+  data: str | None = None
+  batch_size: int = 60
+  init_std: float = 0.05
+  cnn_features: tuple[int, ...] = (8, 16)
+  eval_every: int = 50
+  target: float = 0.9
+  progress: bool = False
+
+  def validate(self) -> Config:
+    """Raises ``ValueError`` naming the first bad field; returns ``self``."""
+    ints = {"steps": self.steps, "batch_size": self.batch_size, "eval_every": self.eval_every}
+    if self.cnn_steps is not None:
+      ints["cnn_steps"] = self.cnn_steps
+    for name, v in ints.items():
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+    for name in ("seeds", "lrs", "cnn_lrs", "activations"):
+      if not getattr(self, name):
+        raise ValueError(f"{name} must not be empty.")
+    for name in ("lrs", "cnn_lrs"):
+      bad = [v for v in getattr(self, name) if not (math.isfinite(v) and v > 0)]
+      if bad:
+        raise ValueError(f"{name} must be positive finite learning rates, got {bad}.")
+    if self.model not in ("mlp", "cnn", "both"):
+      raise ValueError(f"model must be 'mlp', 'cnn' or 'both', got {self.model!r}.")
+    if self.dataset not in ("digits", "mnist"):
+      raise ValueError(f"dataset must be 'digits' or 'mnist', got {self.dataset!r}.")
+    if self.dataset == "mnist" and not self.data:
+      raise ValueError(
+        "dataset 'mnist' needs data=PATH: a Keras-layout mnist.npz or a directory "
+        "with the four IDX files (nothing is downloaded)."
+      )
+    if self.fig1_lr is not None and self.fig1_lr not in self.lrs:
+      raise ValueError(f"fig1_lr={self.fig1_lr} must be one of lrs={list(self.lrs)}.")
+    if not 0 < self.target <= 1:
+      raise ValueError(f"target must be an accuracy in (0, 1], got {self.target}.")
+    if self.init_std <= 0:
+      raise ValueError(f"init_std must be positive, got {self.init_std}.")
+    return self
+
+  @property
+  def cnn_steps_(self) -> int:
+    return self.cnn_steps if self.cnn_steps is not None else max(1, self.steps // 4)
+
+
+def load_data(config: Config) -> tuple[data_lib.Dataset, str]:
+  """The data set named by ``config`` and a short name for it."""
+  if config.dataset == "mnist":
+    return data_lib.load_mnist(config.data), "mnist"
+  return data_lib.load_digits(), "digits"

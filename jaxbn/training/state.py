@@ -1,0 +1,345 @@
+"""The train state, its jitted steps, evaluation and the :func:`fit` loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state as flax_train_state
+
+from jaxbn.engine import accuracy
+from jaxbn.engine import batch_indices
+from jaxbn.training.masks import freeze_bn_affine
+
+Batch = tuple[Any, Any]
+
+
+class TrainState(flax_train_state.TrainState):
+  """``flax.training.train_state.TrainState`` with the batch statistics.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    apply_fn: the model's ``apply`` (static, not saved in checkpoints).
+    params: the ``'params'`` collection (trained by ``tx``).
+    tx: the optax optimizer (static).
+    opt_state: ``tx``'s state.
+    batch_stats: the ``'batch_stats'`` collection (running statistics;
+      ``{}`` for a model without batch norm).
+  """
+
+  batch_stats: Any = None
+
+  def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
+    """One optimizer update (``step + 1``); ``kwargs`` replace other fields.
+
+    optax's own code (e.g. Adam's bias correction ``decay**count``) mixes
+    Python floats with int32 arrays, which ``jax_numpy_dtype_promotion=
+    'strict'`` rejects; the update runs under standard promotion so that
+    a strict configuration elsewhere does not break the optimizer.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+      return super().apply_gradients(grads=grads, **kwargs)
+
+
+def create_train_state(
+  model: Any,
+  tx: optax.GradientTransformation,
+  sample_input: Any,
+  *,
+  key: jax.Array | int = 0,
+  train_bn_affine: bool = True,
+) -> TrainState:
+  """Initializes a linen ``model`` and an optimizer state.
+
+  Args:
+    model: a linen module called as ``model(x, train=...)``.
+    tx: the optax optimizer.
+    sample_input: an input batch (only its shape and dtype matter).
+    key: PRNG key or int seed of the initialization.
+    train_bn_affine: False freezes batch norm's scale and bias (wraps ``tx``
+      with :func:`freeze_bn_affine`).
+
+  Returns:
+    A :class:`TrainState` at step 0.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxbn import models, training
+    >>> state = training.create_train_state(
+    ...   models.MLP(features=(16,)), optax.sgd(0.1), jnp.ones((1, 64)))
+    >>> int(state.step), sorted(state.batch_stats)
+    (0, ['BatchNorm_0'])
+  """
+  if isinstance(key, int):
+    key = jax.random.key(key)
+  variables = model.init(key, sample_input, train=False)
+  params = variables["params"]
+  if not train_bn_affine:
+    tx = freeze_bn_affine(tx)
+  state = TrainState.create(
+    apply_fn=model.apply,
+    params=params,
+    tx=tx,
+    batch_stats=variables.get("batch_stats", {}),
+  )
+  # A concrete int32 step (not a Python int) keeps the jitted step from
+  # compiling twice.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def _loss_fn(params, state: TrainState, batch: Batch, use_running_average: bool, update: bool):
+  x, y = batch
+  variables = {"params": params, "batch_stats": state.batch_stats}
+  if use_running_average:
+    logits = state.apply_fn(variables, x, train=False)
+    new_stats = state.batch_stats
+  else:
+    logits, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+    new_stats = updates.get("batch_stats", state.batch_stats) if update else state.batch_stats
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+  return loss, (new_stats, logits)
+
+
+def _train_step(
+  state: TrainState,
+  batch: Batch,
+  use_running_average: bool = False,
+  update_batch_stats: bool = True,
+  axis_name: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  def loss(params):
+    value, aux = _loss_fn(params, state, batch, use_running_average, update_batch_stats)
+    if axis_name is not None:
+      # The mean over the global batch (equal shards); JAX sums the gradient of
+      # the replicated params over devices.
+      value = jax.lax.pmean(value, axis_name)
+    return value, aux
+
+  (value, (new_stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+  acc = accuracy(logits, batch[1])
+  if axis_name is not None:
+    acc = jax.lax.pmean(acc, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+  return state, {"loss": value, "accuracy": acc}
+
+
+_STATIC = ("use_running_average", "update_batch_stats")
+
+_train_step_jit = jax.jit(_train_step, static_argnames=_STATIC)
+
+
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  use_running_average: bool = False,
+  update_batch_stats: bool = True,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One jit-compiled optimizer step on ``batch = (x, y)``.
+
+  The loss is ``mean(softmax_cross_entropy(model(x, train=True), y))``; it
+  returns ``(loss, (new_batch_stats, logits))`` (``has_aux``), so the running
+  statistics computed in the forward pass come out with the gradient.
+
+  Args:
+    state: a :class:`TrainState`.
+    batch: ``(x, y)``, labels int32.
+    use_running_average: normalize with the running statistics (batch norm
+      frozen in inference mode; the statistics are not updated).
+    update_batch_stats: False normalizes with the batch statistics but keeps
+      the running ones unchanged.
+
+  Returns:
+    ``(new_state, {'loss': ..., 'accuracy': ...})`` (scalars of this batch).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxbn import models, training
+    >>> state = training.create_train_state(
+    ...   models.MLP(features=(16,), num_classes=2), optax.sgd(0.1), jnp.ones((1, 3)))
+    >>> batch = (jnp.array([[0.0, 1, 2], [3, 4, 5]]), jnp.array([0, 1]))
+    >>> state, metrics = training.train_step(state, batch)
+    >>> int(state.step), sorted(metrics)
+    (1, ['accuracy', 'loss'])
+  """
+  return _train_step_jit(
+    state, batch, use_running_average=use_running_average, update_batch_stats=update_batch_stats
+  )
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  """Loss and accuracy on ``batch = (x, y)`` with the running statistics.
+
+  Each example's output depends on it alone (Algorithm 2 of the paper), so
+  the result does not depend on how the evaluation data is batched.
+
+  Returns:
+    ``{'loss': ..., 'accuracy': ...}``, means over the batch.
+  """
+  x, y = batch
+  logits = state.apply_fn(
+    {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+  )
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+  return {"loss": loss, "accuracy": accuracy(logits, y)}
+
+
+def evaluate(state: TrainState, x: Any, y: Any, *, batch_size: int = 1024) -> dict[str, float]:
+  """Loss and accuracy over a whole data set, with the running statistics.
+
+  Args:
+    state: a :class:`TrainState`.
+    x: inputs.
+    y: int labels.
+    batch_size: examples per :func:`eval_step` call.
+
+  Returns:
+    ``{'loss': float, 'accuracy': float}``, means over every example.
+  """
+  n = len(x)
+  if n == 0 or len(y) != n:
+    raise ValueError(f"evaluate: x and y must be non-empty and equally long, got {n} and {len(y)}.")
+  loss = correct = 0.0
+  for start in range(0, n, batch_size):
+    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+    m = jax.device_get(eval_step(state, (xb, yb)))
+    loss += float(m["loss"]) * len(xb)
+    correct += float(m["accuracy"]) * len(xb)
+  return {"loss": loss / n, "accuracy": correct / n}
+
+
+def fit(
+  state: TrainState,
+  x: Any,
+  y: Any,
+  *,
+  batch_size: int = 60,
+  epochs: int | None = None,
+  steps: int | None = None,
+  seed: int = 0,
+  eval_data: tuple[Any, Any] | None = None,
+  eval_every: int | None = None,
+  progress: bool = False,
+  step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]] | None = None,
+  use_running_average: bool = False,
+  update_batch_stats: bool = True,
+) -> tuple[TrainState, dict[str, list[float]]]:
+  """Trains ``state`` on ``(x, y)`` with shuffled mini-batches.
+
+  Epoch ``e`` visits the examples in the order
+  :func:`jaxbn.data.epoch_order` ``(seed, e, len(x))``, in batches of
+  ``batch_size`` (the last partial batch dropped; the order of
+  :func:`jaxbn.engine.batch_indices`), and the batch of a step is found from
+  ``state.step``: training resumed from a checkpoint sees the same data as
+  training that never stopped.
+
+  Args:
+    state: a :class:`TrainState` (its ``step`` says where in the data to start).
+    x: training inputs (NumPy or JAX arrays).
+    y: int labels.
+    batch_size: examples per step.
+    epochs: number of epochs to run (of ``len(x) // batch_size`` steps).
+    steps: number of steps to run instead (exactly one of the two).
+    seed: seed of the shuffles.
+    eval_data: ``(x_test, y_test)``, evaluated with :func:`evaluate` every
+      ``eval_every`` steps (default: each epoch) and at the end.
+    eval_every: steps between evaluations.
+    progress: show a tqdm progress bar (off by default: a library call prints nothing).
+    step_fn: the step to use (default :func:`train_step` with the two flags
+      below), e.g. :func:`data_parallel_train_step`'s.
+    use_running_average: passed to :func:`train_step`.
+    update_batch_stats: passed to :func:`train_step`.
+
+  Returns:
+    ``(state, history)``: ``history`` maps ``'step'``, ``'loss'``,
+    ``'accuracy'`` (one entry per training step; ``step`` is the step count
+    after it) and, with ``eval_data``, ``'eval_step'``, ``'eval_loss'``,
+    ``'eval_accuracy'`` to lists of numbers, ready to plot.
+
+  Examples:
+    >>> import numpy as np, optax
+    >>> from jaxbn import models, training
+    >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> state = training.create_train_state(
+    ...   models.MLP(features=(8,), num_classes=2), optax.adam(0.05), x[:1])
+    >>> state, history = training.fit(state, x, y, batch_size=16, epochs=2)
+    >>> int(state.step), len(history['loss'])
+    (8, 8)
+  """
+  n = len(x)
+  if len(y) != n:
+    raise ValueError(f"fit: x and y differ in length: {n} and {len(y)}.")
+  if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    raise ValueError(f"fit: batch_size must be an int in [1, {n}] (len(x)), got {batch_size!r}.")
+  if (epochs is None) == (steps is None):
+    raise ValueError(f"fit: give exactly one of epochs and steps, got {epochs=} and {steps=}.")
+  per_epoch = n // batch_size
+  total = steps if steps is not None else epochs * per_epoch
+  if eval_every is None:
+    eval_every = per_epoch
+  if step_fn is None:
+
+    def step_fn(state, batch):
+      return train_step(
+        state,
+        batch,
+        use_running_average=use_running_average,
+        update_batch_stats=update_batch_stats,
+      )
+
+  history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+  if eval_data is not None:
+    history.update(eval_step=[], eval_loss=[], eval_accuracy=[])
+  pending: list[dict] = []
+
+  def flush():
+    for m in jax.device_get(pending):
+      history["loss"].append(float(m["loss"]))
+      history["accuracy"].append(float(m["accuracy"]))
+    pending.clear()
+
+  def run_eval(step: int):
+    flush()
+    m = evaluate(state, *eval_data)
+    history["eval_step"].append(step)
+    history["eval_loss"].append(m["loss"])
+    history["eval_accuracy"].append(m["accuracy"])
+    if bar is not None:
+      bar.set_postfix(
+        loss=f"{history['loss'][-1]:.4f}" if history["loss"] else "-",
+        test_acc=f"{m['accuracy']:.4f}",
+      )
+
+  start = int(state.step)
+  order, order_epoch = None, -1
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # imported only when asked: it warns in some notebooks
+
+    bar = tqdm(total=total, desc="fit", leave=False)
+  for step in range(start, start + total):
+    epoch, index = divmod(step, per_epoch)
+    if epoch != order_epoch:
+      order = batch_indices(seed, n, per_epoch, batch_size, start=epoch * per_epoch)
+      order_epoch = epoch
+    idx = order[index]
+    state, metrics = step_fn(state, (x[idx], y[idx]))
+    pending.append(metrics)
+    history["step"].append(step + 1)
+    if eval_data is not None and (step + 1 - start) % eval_every == 0:
+      run_eval(step + 1)
+    if bar is not None:
+      bar.update()
+  flush()
+  if eval_data is not None and (
+    not history["eval_step"] or history["eval_step"][-1] != start + total
+  ):
+    run_eval(start + total)
+  if bar is not None:
+    bar.close()
+  return state, history
