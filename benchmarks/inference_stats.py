@@ -42,15 +42,19 @@ MOMENTUM = 0.99
 
 
 def _forward(params, states, x, **bn_kwargs):
-  return apply_mlp(params, states, x, train=True, **bn_kwargs)
+  return apply_mlp(params, states, x, train=True, bn_options=jaxbn.BNOptions(**bn_kwargs))
 
 
 def _apply(params, states, x, *, train):
   """The network with two running averages side by side: ``states = (ema, warm)``."""
   ema, warm = states
-  logits, ema = apply_mlp(params, ema, x, train=train, momentum=MOMENTUM)
+  logits, ema = apply_mlp(
+    params, ema, x, train=train, bn_options=jaxbn.BNOptions(momentum=MOMENTUM)
+  )
   # The same batch through the same parameters, for the warm-up average only.
-  _, warm = apply_mlp(params, warm, x, train=train, momentum=MOMENTUM, ema_warmup=True)
+  _, warm = apply_mlp(
+    params, warm, x, train=train, bn_options=jaxbn.BNOptions(momentum=MOMENTUM, ema_warmup=True)
+  )
   return logits, (ema, warm)
 
 

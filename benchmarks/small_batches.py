@@ -57,7 +57,9 @@ def _recalibrate(params, states, ds: data.Dataset, batch: int, bn: dict):
   ghost = bn.get("ghost_batch_size")
 
   def forward(params, states, x, **bn_kwargs):
-    return apply_mlp(params, states, x, train=True, ghost_batch_size=ghost, **bn_kwargs)
+    return apply_mlp(
+      params, states, x, train=True, bn_options=jaxbn.BNOptions(ghost_batch_size=ghost, **bn_kwargs)
+    )
 
   batches = (x for x, _ in data.batches(ds.x_train, ds.y_train, batch))
   return jaxbn.population_stats(forward, params, states, batches)
@@ -71,7 +73,7 @@ def run(seeds: int, epochs: int, lr: float) -> list[dict]:
     steps = epochs * (len(ds.x_train) // batch)
     params, states = engine.init_runs(init, range(seeds))
     trained = engine.train(
-      functools.partial(apply_mlp, momentum=MOMENTUM, **bn),
+      functools.partial(apply_mlp, bn_options=jaxbn.BNOptions(momentum=MOMENTUM, **bn)),
       params,
       states,
       ds.x_train,

@@ -32,9 +32,14 @@ def batches():
 
 
 def make_model(axis_name=None):
+  import jaxbn
   from jaxbn import models
 
-  return models.MLP(features=(10, 7), num_classes=CLASSES, momentum=0.7, axis_name=axis_name)
+  return models.MLP(
+    features=(10, 7),
+    num_classes=CLASSES,
+    bn_options=jaxbn.BNOptions(momentum=0.7, axis_name=axis_name),
+  )
 
 
 def make_optimizer():

@@ -14,6 +14,8 @@ from jaxbn import cli
 from jaxbn.reproduce import config as config_lib
 from jaxbn.reproduce import run as run_lib
 
+pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
+
 TINY = ["--steps", "4", "--seeds", "0", "--eval-every", "2", "--no-progress"]
 RUN_KEYS = {
   "lr",

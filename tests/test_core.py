@@ -432,6 +432,11 @@ def test_checkify_catches_non_finite_statistics():
   with pytest.raises(AssertionError):
     guarded(jnp.ones((4, 3)).at[2, 2].set(jnp.nan))
   chex.block_until_chexify_assertions_complete()
+  # chexify keeps every decorated function's barrier for an exit-time warning
+  # that has nothing to report here (checks were synchronous); drop ours.
+  from chex._src import asserts_internal
+
+  asserts_internal.CHEXIFY_STORAGE.wait_fns.remove(guarded.wait_checks)
 
 
 # ---------------------------------------------------------------- transforms
@@ -578,6 +583,7 @@ def test_pmap_axis_name_equals_single_device():
   chex.assert_trees_all_close(jax.tree.map(lambda t: t[0], new), new_ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_masked_shards_match_numpy_where_flax_mean_of_means_does_not():
   """REFERENCE.md s.5: valid counts 1, 4, 4, 4 on 4 devices."""
   mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
@@ -596,6 +602,7 @@ def test_masked_shards_match_numpy_where_flax_mean_of_means_does_not():
   np.testing.assert_allclose(new.var, ref.var(0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_axis_index_groups_normalize_groups_independently():
   mesh = _mesh()
   params, state = jaxbn.bn_init(2)

@@ -100,6 +100,7 @@ def _close(a, b, tol=1e-9):
   chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_forward_modes_match_plain_autodiff(case):
   with jax.enable_x64(True):
@@ -112,6 +113,7 @@ def test_forward_modes_match_plain_autodiff(case):
     _close((y, lin(*tangents)), (y_ref, lin_ref(*tangents)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_reverse_and_second_order_match_plain_autodiff(case):
   with jax.enable_x64(True):
@@ -132,6 +134,7 @@ def test_reverse_and_second_order_match_plain_autodiff(case):
     _close(jg(ours), jg(ref), 1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_check_grads_second_order_both_modes(case):
   with jax.enable_x64(True):
@@ -139,6 +142,7 @@ def test_check_grads_second_order_both_modes(case):
     check_grads(ours, args, order=2, modes=("fwd", "rev"), eps=1e-4)
 
 
+@pytest.mark.slow
 def test_maml_inner_step_matches_plain_autodiff():
   """Meta-gradient through one SGD step on the batch-norm parameters."""
   with jax.enable_x64(True):
@@ -158,6 +162,7 @@ def test_maml_inner_step_matches_plain_autodiff():
     _close(meta_loss(ours)((scale, bias)), meta_loss(ref)((scale, bias)), 1e-8)
 
 
+@pytest.mark.slow
 def test_vmap_axis_name_jvp_and_hessian_equal_the_whole_batch():
   """Per-example calls merged by axis_name: the psum's tangent and transpose."""
   with jax.enable_x64(True):
@@ -253,6 +258,7 @@ def test_shard_map_2d_mesh_statistics_over_one_axis():
   np.testing.assert_allclose(gx, np.concatenate([c[1][1] for c in cols], 1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_float32_training_step_with_optax_under_forward_mode():
   """jacfwd of a whole optax step runs (forward mode composes with the update)."""
   params, state = jaxbn.bn_init(3)

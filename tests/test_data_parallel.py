@@ -13,9 +13,12 @@ import numpy as np
 import optax
 import pytest
 
+import jaxbn
 from jaxbn import linen as jbn_linen
 from jaxbn import models
 from jaxbn import training
+
+pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
 
 N_DEVICES = 8
 
@@ -124,7 +127,7 @@ def test_per_device_running_statistics_are_replicated_means():
   the running variance the mean of the shards' variances.
   """
   x, y = _data()
-  model = models.MLP(features=(5,), num_classes=3, momentum=0.0)
+  model = models.MLP(features=(5,), num_classes=3, bn_options=jaxbn.BNOptions(momentum=0.0))
   state = training.create_train_state(model, optax.sgd(0.0), x[:1])
   step = training.data_parallel_train_step(training.data_parallel_mesh())
   with pytest.warns(UserWarning, match="axis_name"):

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxbn
 from jaxbn import engine
 from jaxbn import models
 
@@ -22,7 +23,7 @@ def _data(n=N, seed=0):
 
 
 _init = functools.partial(models.init_mlp, in_features=IN, features=(8,), num_classes=2)
-_apply = functools.partial(models.apply_mlp, momentum=0.9)
+_apply = functools.partial(models.apply_mlp, bn_options=jaxbn.BNOptions(momentum=0.9))
 
 
 def _evaluate(x, y):
@@ -57,6 +58,7 @@ def test_batch_indices_from_any_step_continue_the_same_order():
     np.testing.assert_array_equal(part, whole[start:])
 
 
+@pytest.mark.slow
 def test_vectorized_looped_and_single_runs_agree():
   x, y = _data()
   seeds, lrs = [0, 1, 2], [0.1, 0.5, 0.5]
@@ -108,6 +110,7 @@ def test_evaluation_steps_and_callback():
   np.testing.assert_allclose(no_eval.losses, out.losses, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_optax_optimizers():
   x, y = _data()
   params, state = _init(jax.random.key(0))

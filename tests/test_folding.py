@@ -123,7 +123,11 @@ def test_fold_linen_model_gives_the_same_inference_output(cnn):
   from jaxbn.models import CNN
   from jaxbn.models import MLP
 
-  model = CNN(features=(4, 6)) if cnn else MLP(features=(16, 12), epsilon=1e-3)
+  model = (
+    CNN(features=(4, 6))
+    if cnn
+    else MLP(features=(16, 12), bn_options=jaxbn.BNOptions(epsilon=1e-3))
+  )
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
   variables = _perturb_bn(model.init(jax.random.key(1), x, train=False), 2)
   assert float(jnp.abs(variables["batch_stats"]["BatchNorm_1"]["mean"]).max()) > 0

@@ -44,7 +44,7 @@ def _tree_equal(a, b):
 
 def test_mlp_places_bn_between_affine_map_and_activation():
   # A tiny epsilon: the second layer's inputs (sigmoid outputs) vary little.
-  model = models.MLP(features=(8, 6), num_classes=3, epsilon=1e-10)
+  model = models.MLP(features=(8, 6), num_classes=3, bn_options=jaxbn.BNOptions(epsilon=1e-10))
   x, _ = _batch(d=5)
   variables = model.init(jax.random.key(0), x, train=False)
   params = variables["params"]
@@ -95,21 +95,25 @@ def _functional_from_linen_mlp(variables, n_hidden):
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 def test_linen_nnx_and_functional_mlps_agree(activation):
   x, _ = _batch(d=7)
-  model = models.MLP(features=(9, 5), num_classes=3, activation=activation, momentum=0.7)
+  model = models.MLP(
+    features=(9, 5), num_classes=3, activation=activation, bn_options=jaxbn.BNOptions(momentum=0.7)
+  )
   variables = model.init(jax.random.key(1), x, train=False)
   variables = jax.tree.map(lambda t: t + 0.05, variables)  # non-trivial BN params
   logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
   params, state = _functional_from_linen_mlp(variables, 2)
   f_logits, f_state = models.apply_mlp(
-    params, state, x, train=True, activation=activation, momentum=0.7
+    params, state, x, train=True, activation=activation, bn_options=jaxbn.BNOptions(momentum=0.7)
   )
   np.testing.assert_allclose(f_logits, logits, atol=1e-5)
   np.testing.assert_allclose(
     f_state[1].var, updates["batch_stats"]["BatchNorm_1"]["var"], rtol=1e-6
   )
 
-  net = models.NNXMLP(7, (9, 5), 3, activation=activation, momentum=0.7, rngs=nnx.Rngs(0))
+  net = models.NNXMLP(
+    7, (9, 5), 3, activation=activation, bn_options=jaxbn.BNOptions(momentum=0.7), rngs=nnx.Rngs(0)
+  )
   p = variables["params"]
   for i in range(2):
     net.dense[i].kernel[...] = p[f"Dense_{i}"]["kernel"]
@@ -130,6 +134,7 @@ def test_linen_nnx_and_functional_mlps_agree(activation):
   np.testing.assert_allclose(f_eval, e_logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_linen_nnx_and_functional_cnns_agree():
   x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))
   model = models.CNN(features=(4, 6), num_classes=5)
@@ -172,7 +177,7 @@ def test_linen_nnx_and_functional_cnns_agree():
 
 def test_bn_options_reach_the_layers():
   x, _ = _batch(n=16, d=5)
-  model = models.MLP(features=(4,), momentum=None, ghost_batch_size=4)
+  model = models.MLP(features=(4,), bn_options=jaxbn.BNOptions(momentum=None, ghost_batch_size=4))
   variables = model.init(jax.random.key(0), x, train=False)
   assert "count" in variables["batch_stats"]["BatchNorm_0"]
   _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
@@ -202,9 +207,12 @@ def test_bad_input_through_models_gets_the_core_errors():
 # Training.
 
 
+@pytest.mark.slow
 def test_mlp_with_bn_learns_digits(digits):
   ds = digits.flat()
-  model = models.MLP(features=(100, 100, 100), activation="sigmoid", momentum=0.9)
+  model = models.MLP(
+    features=(100, 100, 100), activation="sigmoid", bn_options=jaxbn.BNOptions(momentum=0.9)
+  )
   state = training.create_train_state(model, optax.adam(3e-3), ds.x_train[:1])
   state, history = training.fit(
     state,
@@ -221,8 +229,9 @@ def test_mlp_with_bn_learns_digits(digits):
   assert history["loss"][-1] < history["loss"][0]
 
 
+@pytest.mark.slow
 def test_cnn_with_bn_learns_digits(digits):
-  model = models.CNN(features=(16, 32), momentum=0.9)
+  model = models.CNN(features=(16, 32), bn_options=jaxbn.BNOptions(momentum=0.9))
   state = training.create_train_state(model, optax.adam(3e-3), digits.x_train[:1])
   state, _ = training.fit(
     state, digits.x_train, digits.y_train, batch_size=60, epochs=4, progress=False
@@ -232,7 +241,7 @@ def test_cnn_with_bn_learns_digits(digits):
 
 def test_train_step_threads_statistics_and_matches_a_hand_written_step():
   x, y = _batch()
-  model = models.MLP(features=(6,), num_classes=4, momentum=0.5)
+  model = models.MLP(features=(6,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.5))
   state = training.create_train_state(model, optax.sgd(0.1), x[:1])
   new, metrics = training.train_step(state, (x, y))
 
@@ -275,7 +284,7 @@ def test_no_retrace_after_the_first_step():
 
 def test_eval_uses_running_statistics_and_ignores_batching():
   x, y = _batch(n=40)
-  model = models.MLP(features=(6,), num_classes=4, momentum=0.5)
+  model = models.MLP(features=(6,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.5))
   state = training.create_train_state(model, optax.sgd(0.1), x[:1])
   state, _ = training.train_step(state, (x, y))
   whole = training.evaluate(state, x, y, batch_size=40)
@@ -315,7 +324,7 @@ def test_weight_decay_mask_skips_bn_scale_and_bias():
 
 def test_freezing_switches_are_independent():
   x, y = _batch()
-  model = models.MLP(features=(6,), num_classes=4, momentum=0.5)
+  model = models.MLP(features=(6,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.5))
   state = training.create_train_state(model, optax.sgd(0.5), x[:1])
   state, _ = training.train_step(state, (x, y))  # running stats away from init
   stats, params = state.batch_stats, state.params
@@ -358,9 +367,12 @@ def test_fit_history_is_plottable_and_silent_without_progress(capsys):
     training.fit(state, x, y, progress=False)
 
 
+@pytest.mark.slow
 def test_checkpoint_restore_and_continue_is_bit_identical(tmp_path):
   x, y = _batch(n=48)
-  model = models.MLP(features=(6,), num_classes=4, momentum=0.8, ema_warmup=True)
+  model = models.MLP(
+    features=(6,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.8, ema_warmup=True)
+  )
   start = training.create_train_state(model, optax.adam(1e-2), x[:1])
   kw = dict(batch_size=16, seed=3, progress=False)
 
@@ -382,16 +394,21 @@ def test_checkpoint_restore_and_continue_is_bit_identical(tmp_path):
   _tree_equal(resumed.opt_state, straight.opt_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_data_parallel_equals_single_device_on_the_global_batch(kind):
   assert jax.device_count() == 8
   mesh = training.data_parallel_mesh()
   rng = np.random.default_rng(0)
   if kind == "mlp":
-    make = lambda **kw: models.MLP(features=(10, 7), num_classes=4, momentum=0.7, **kw)
+    make = lambda **kw: models.MLP(
+      features=(10, 7), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.7, **kw)
+    )
     x = rng.normal(size=(64, 12)).astype(np.float32) + 1
   else:
-    make = lambda **kw: models.CNN(features=(3,), num_classes=4, momentum=0.7, **kw)
+    make = lambda **kw: models.CNN(
+      features=(3,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.7, **kw)
+    )
     x = rng.uniform(size=(32, 4, 4, 1)).astype(np.float32)
   y = rng.integers(0, 4, len(x)).astype(np.int32)
   single = training.create_train_state(make(), optax.adam(1e-2), x[:1])

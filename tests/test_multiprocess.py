@@ -24,6 +24,8 @@ from jaxbn import engine
 from jaxbn import training
 from tests import multiprocess_worker as worker
 
+pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
+
 NUM_PROCESSES = 2
 TIMEOUT_S = 120  # for the whole run of both workers; it takes about 15 s
 

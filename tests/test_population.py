@@ -297,14 +297,15 @@ def _linen_refs(variables, batches, cnn):
   return n, [_mlp_acts_ref(kernels, bns, None, x) for x in batches]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
 def test_linen_models_get_exact_statistics_for_every_layer(cnn):
   from jaxbn.models import CNN
   from jaxbn.models import MLP
 
   # A model trained with EMA options: population_stats overrides them.
-  opts = dict(momentum=0.9, renorm=jaxbn.renorm_schedule(), ema_warmup=True)
-  model = CNN(features=(4, 6), **opts) if cnn else MLP(features=(16, 12), **opts)
+  opts = jaxbn.BNOptions(momentum=0.9, renorm=jaxbn.renorm_schedule(), ema_warmup=True)
+  model = CNN(features=(4, 6), bn_options=opts) if cnn else MLP(features=(16, 12), bn_options=opts)
   batches = _digits_batches(image=True)
   variables = model.init(jax.random.key(0), batches[0], train=False)
   variables["params"] = jax.tree.map(lambda t: t * 1.3, variables["params"])  # not the init
@@ -365,10 +366,12 @@ def test_nnx_models_get_exact_statistics_for_every_layer(cnn):
 
   rngs = nnx.Rngs(0)
   if cnn:
-    model = NNXCNN(1, features=(4, 6), momentum=0.9, rngs=rngs)
+    model = NNXCNN(1, features=(4, 6), bn_options=jaxbn.BNOptions(momentum=0.9), rngs=rngs)
     layers = model.conv
   else:
-    model = NNXMLP(64, features=(16, 12), momentum=0.9, ema_warmup=True, rngs=rngs)
+    model = NNXMLP(
+      64, features=(16, 12), bn_options=jaxbn.BNOptions(momentum=0.9, ema_warmup=True), rngs=rngs
+    )
     layers = model.dense
   model.eval()  # the mode the model is left in does not matter
   for bn in model.bn:
@@ -400,7 +403,7 @@ def test_plain_jax_models_through_population_stats():
   params, states = init_mlp(jax.random.key(0), 64, (16, 12))
 
   def forward(params, states, x, **bn_kwargs):
-    return apply_mlp(params, states, x, train=True, **bn_kwargs)
+    return apply_mlp(params, states, x, train=True, bn_options=jaxbn.BNOptions(**bn_kwargs))
 
   batches = _digits_batches(image=False)
   got = jaxbn.population_stats(forward, params, states, batches, progress=False)

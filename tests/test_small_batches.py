@@ -14,6 +14,8 @@ from jaxbn import models
 from jaxbn.reproduce import small_batches
 from tests.reference import bn_train_ref
 
+pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
+
 EPS = 1e-5
 
 
@@ -118,7 +120,8 @@ def test_a_short_renorm_run_at_batch_2_learns_and_counts_its_steps():
   ds = data.load_digits().flat()
   ds = ds._replace(x_train=ds.x_train[:400], y_train=ds.y_train[:400])
   renorm = small_batches.scaled_renorm(200)
-  apply = functools.partial(models.apply_mlp, momentum=0.99, renorm=renorm)
+  bn = jaxbn.BNOptions(momentum=0.99, renorm=renorm)
+  apply = functools.partial(models.apply_mlp, bn_options=bn)
   params, states = models.init_mlp(jax.random.key(0), ds.x_train.shape[1])
   trained = engine.train(
     apply, params, states, ds.x_train, ds.y_train, steps=200, batch_size=2, learning_rate=0.3

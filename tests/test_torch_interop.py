@@ -21,6 +21,8 @@ from jaxbn import linen as jbn
 from jaxbn import nnx as jbnx
 from jaxbn import torch_port
 
+pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
+
 torch.set_num_threads(1)  # the test machines are small and shared
 
 # dtype name -> (torch dtype, absolute tolerance for one layer, for a trained model)

@@ -17,8 +17,9 @@ Three versions with the same hyper-parameters:
   :func:`jaxbn.bn_infer` directly: :func:`init_mlp` / :func:`apply_mlp` and
   :func:`init_cnn` / :func:`apply_cnn`.
 
-The batch-norm options ``momentum``, ``epsilon``, ``ghost_batch_size``,
-``renorm``, ``ema_warmup`` and ``axis_name`` go to every batch-norm layer.
+Every model takes its batch-norm options as one :class:`jaxbn.BNOptions`
+(``bn_options=BNOptions(momentum=0.9, axis_name='batch')``), passed to every
+batch-norm layer.
 
 The input of the hidden units (after batch norm, before the activation) of
 every hidden layer is sown into the ``'intermediates'`` collection under the

@@ -24,16 +24,5 @@ def _activation(act: Activation) -> Callable[[jax.Array], jax.Array]:
   return _ACTIVATIONS[act]
 
 
-def _bn_kwargs(momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name) -> dict:
-  return dict(
-    momentum=momentum,
-    epsilon=epsilon,
-    ghost_batch_size=ghost_batch_size,
-    renorm=renorm,
-    ema_warmup=ema_warmup,
-    axis_name=axis_name,
-  )
-
-
 def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)

@@ -9,16 +9,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
-from jaxbn.core import Renorm
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.folding import fold_bn
 from jaxbn.models._common import Activation
 from jaxbn.models._common import _activation
-from jaxbn.models._common import _bn_kwargs
 from jaxbn.models._common import _flatten
 
 # --------------------------------------------------------------------------
@@ -94,12 +93,7 @@ def apply_mlp(
   *,
   train: bool,
   activation: Activation = "sigmoid",
-  momentum: float | None = 0.99,
-  epsilon: float = 1e-5,
-  ghost_batch_size: int | None = None,
-  renorm: Renorm | None = None,
-  ema_warmup: bool = False,
-  axis_name: Any = None,
+  bn_options: BNOptions = BNOptions(),
   return_preactivations: bool = False,
 ):
   """Logits of a plain-JAX MLP made by :func:`init_mlp`.
@@ -110,8 +104,7 @@ def apply_mlp(
     x: input ``(N, ...)``, flattened to ``(N, in_features)``.
     train: batch statistics (and a new state) if True; running ones if False.
     activation: ``'sigmoid'``, ``'relu'``, ``'tanh'`` or a callable.
-    momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name:
-      passed to :func:`jaxbn.bn_train`.
+    bn_options: the options of every batch norm (:class:`jaxbn.BNOptions`).
     return_preactivations: also return the tuple of every hidden layer's
       input to its activation.
 
@@ -128,7 +121,7 @@ def apply_mlp(
     ((2, 3), 1)
   """
   act = _activation(activation)
-  bn = _bn_kwargs(momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name)
+  bn = bn_options._asdict()
   x = _flatten(x)
   new_state, pre = [], []
   for i, layer in enumerate(params["hidden"]):
@@ -218,12 +211,7 @@ def apply_cnn(
   x: jax.Array,
   *,
   train: bool,
-  momentum: float | None = 0.99,
-  epsilon: float = 1e-5,
-  ghost_batch_size: int | None = None,
-  renorm: Renorm | None = None,
-  ema_warmup: bool = False,
-  axis_name: Any = None,
+  bn_options: BNOptions = BNOptions(),
   return_preactivations: bool = False,
 ):
   """Logits of a plain-JAX CNN made by :func:`init_cnn` on NHWC images ``x``.
@@ -238,7 +226,7 @@ def apply_cnn(
     >>> logits.shape
     (2, 10)
   """
-  bn = _bn_kwargs(momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name)
+  bn = bn_options._asdict()
   new_state, pre = [], []
   for i, block in enumerate(params["conv"]):
     x = _conv(x, block["kernel"])

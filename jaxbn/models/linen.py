@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import linen as jbn_linen
+from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
-from jaxbn.core import Renorm
 from jaxbn.folding import fold_bn
 from jaxbn.models._common import PREACTIVATION
 from jaxbn.models._common import Activation
 from jaxbn.models._common import _activation
-from jaxbn.models._common import _bn_kwargs
 from jaxbn.models._common import _flatten
 
 # --------------------------------------------------------------------------
@@ -37,12 +36,8 @@ class MLP(nn.Module):
     activation: ``'sigmoid'`` (the paper's), ``'relu'``, ``'tanh'`` or a
       callable.
     use_bn: batch norm after each hidden affine map (which then has no bias).
-    momentum: batch norm's weight of the old running value (or ``None``).
-    epsilon: batch norm's epsilon.
-    ghost_batch_size: batch norm's virtual batch size.
-    renorm: batch norm's :class:`jaxbn.Renorm`.
-    ema_warmup: batch norm's count-aware running average.
-    axis_name: named axis the batch is split over (data parallelism).
+    bn_options: the options of every batch-norm layer (:class:`jaxbn.BNOptions`;
+      ``axis_name`` for data parallelism).
     kernel_init: initializer of the dense kernels.
 
   Examples:
@@ -60,31 +55,18 @@ class MLP(nn.Module):
   num_classes: int = 10
   activation: Activation = "sigmoid"
   use_bn: bool = True
-  momentum: float | None = 0.99
-  epsilon: float = 1e-5
-  ghost_batch_size: int | None = None
-  renorm: Renorm | None = None
-  ema_warmup: bool = False
-  axis_name: Any = None
+  bn_options: BNOptions = BNOptions()
   kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Logits of ``x``; batch statistics in training, running ones otherwise."""
     act = _activation(self.activation)
-    bn = _bn_kwargs(
-      self.momentum,
-      self.epsilon,
-      self.ghost_batch_size,
-      self.renorm,
-      self.ema_warmup,
-      self.axis_name,
-    )
     x = _flatten(x)
     for width in self.features:
       x = nn.Dense(width, use_bias=not self.use_bn, kernel_init=self.kernel_init)(x)
       if self.use_bn:
-        x = jbn_linen.BatchNorm(use_running_average=not train, **bn)(x)
+        x = jbn_linen.BatchNorm(use_running_average=not train, **self.bn_options._asdict())(x)
       self.sow("intermediates", PREACTIVATION, x)
       x = act(x)
     return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
@@ -103,12 +85,8 @@ class CNN(nn.Module):
     features: channels of the convolution blocks.
     num_classes: number of logits.
     use_bn: batch norm after each convolution.
-    momentum: batch norm's weight of the old running value (or ``None``).
-    epsilon: batch norm's epsilon.
-    ghost_batch_size: batch norm's virtual batch size.
-    renorm: batch norm's :class:`jaxbn.Renorm`.
-    ema_warmup: batch norm's count-aware running average.
-    axis_name: named axis the batch is split over (data parallelism).
+    bn_options: the options of every batch-norm layer (:class:`jaxbn.BNOptions`;
+      ``axis_name`` for data parallelism).
     kernel_init: initializer of the kernels.
 
   Examples:
@@ -124,31 +102,18 @@ class CNN(nn.Module):
   features: Sequence[int] = (32, 64)
   num_classes: int = 10
   use_bn: bool = True
-  momentum: float | None = 0.99
-  epsilon: float = 1e-5
-  ghost_batch_size: int | None = None
-  renorm: Renorm | None = None
-  ema_warmup: bool = False
-  axis_name: Any = None
+  bn_options: BNOptions = BNOptions()
   kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Logits of NHWC images ``x``."""
-    bn = _bn_kwargs(
-      self.momentum,
-      self.epsilon,
-      self.ghost_batch_size,
-      self.renorm,
-      self.ema_warmup,
-      self.axis_name,
-    )
     for channels in self.features:
       x = nn.Conv(
         channels, (3, 3), padding="SAME", use_bias=not self.use_bn, kernel_init=self.kernel_init
       )(x)
       if self.use_bn:
-        x = jbn_linen.BatchNorm(use_running_average=not train, **bn)(x)
+        x = jbn_linen.BatchNorm(use_running_average=not train, **self.bn_options._asdict())(x)
       self.sow("intermediates", PREACTIVATION, x)
       x = nn.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
     return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(_flatten(x))
@@ -223,7 +188,11 @@ def fold_linen(model: Any, variables: Any) -> tuple[Any, dict]:
       jnp.zeros((), jnp.int32),
     )
     kernel, bias = fold_bn(
-      params[name]["kernel"], params[name].get("bias"), bn_params, state, epsilon=model.epsilon
+      params[name]["kernel"],
+      params[name].get("bias"),
+      bn_params,
+      state,
+      epsilon=model.bn_options.epsilon,
     )
     params[name] = {"kernel": kernel, "bias": bias}
     del params[bn]

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import nnx as jbn_nnx
+from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
-from jaxbn.core import Renorm
 from jaxbn.folding import fold_bn
 from jaxbn.models._common import PREACTIVATION
 from jaxbn.models._common import Activation
 from jaxbn.models._common import _activation
-from jaxbn.models._common import _bn_kwargs
 from jaxbn.models._common import _flatten
 
 
@@ -41,8 +40,8 @@ class NNXMLP(nnx.Module):
     num_classes: number of logits.
     activation: ``'sigmoid'``, ``'relu'``, ``'tanh'`` or a callable.
     use_bn: batch norm after each hidden affine map (which then has no bias).
-    momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name: passed
-      to every :class:`jaxbn.nnx.BatchNorm`.
+    bn_options: the options of every :class:`jaxbn.nnx.BatchNorm`
+      (:class:`jaxbn.BNOptions`).
     rngs: :class:`flax.nnx.Rngs`.
 
   Examples:
@@ -65,17 +64,12 @@ class NNXMLP(nnx.Module):
     *,
     activation: Activation = "sigmoid",
     use_bn: bool = True,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    ghost_batch_size: int | None = None,
-    renorm: Renorm | None = None,
-    ema_warmup: bool = False,
-    axis_name: Any = None,
+    bn_options: BNOptions = BNOptions(),
     rngs: nnx.Rngs,
   ):
     self.activation = activation
     self.use_bn = use_bn
-    bn = _bn_kwargs(momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name)
+    bn = bn_options._asdict()
     widths = (in_features, *features)
     self.dense = nnx.List(
       [
@@ -109,8 +103,8 @@ class NNXCNN(nnx.Module):
     num_classes: number of logits.
     image_size: ``(H, W)`` of the input (sizes the dense head).
     use_bn: batch norm after each convolution.
-    momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name: passed
-      to every :class:`jaxbn.nnx.BatchNorm`.
+    bn_options: the options of every :class:`jaxbn.nnx.BatchNorm`
+      (:class:`jaxbn.BNOptions`).
     rngs: :class:`flax.nnx.Rngs`.
 
   Examples:
@@ -130,16 +124,11 @@ class NNXCNN(nnx.Module):
     *,
     image_size: tuple[int, int] = (8, 8),
     use_bn: bool = True,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    ghost_batch_size: int | None = None,
-    renorm: Renorm | None = None,
-    ema_warmup: bool = False,
-    axis_name: Any = None,
+    bn_options: BNOptions = BNOptions(),
     rngs: nnx.Rngs,
   ):
     self.use_bn = use_bn
-    bn = _bn_kwargs(momentum, epsilon, ghost_batch_size, renorm, ema_warmup, axis_name)
+    bn = bn_options._asdict()
     chans = (in_channels, *features)
     self.conv = nnx.List(
       [

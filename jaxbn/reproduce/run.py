@@ -20,6 +20,7 @@ import numpy as np
 from jaxbn import data as data_lib
 from jaxbn import engine
 from jaxbn import models
+from jaxbn.core import BNOptions
 from jaxbn.population import population_stats
 from jaxbn.reproduce.config import PERCENTILES
 from jaxbn.reproduce.config import Config
@@ -62,7 +63,7 @@ def _mlp_net(in_features: int, activation: str, use_bn: bool, init_std: float) -
       train=train,
       activation=activation,
       return_preactivations=True,
-      **bn_kwargs,
+      bn_options=BNOptions(**bn_kwargs),
     )
     return logits, state, pre[-1][:, 0]  # the input to one sigmoid of the last hidden layer
 
@@ -78,7 +79,7 @@ def _cnn_net(image_shape: tuple[int, ...], features: tuple[int, ...], use_bn: bo
 
   def apply(params, state, x, *, train, **bn_kwargs):
     logits, state, pre = models.apply_cnn(
-      params, state, x, train=train, return_preactivations=True, **bn_kwargs
+      params, state, x, train=train, return_preactivations=True, bn_options=BNOptions(**bn_kwargs)
     )
     return logits, state, pre[-1][..., 0].reshape(-1)
 
