@@ -15,9 +15,14 @@ optax and flax, and the figures, with matplotlib, load when a command runs.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import fields
+from typing import NoReturn
 
 from jaxbn.reproduce.config import Config
 from jaxbn.reproduce.config import load_data
@@ -25,9 +30,14 @@ from jaxbn.reproduce.report import format_table
 from jaxbn.reproduce.report import write_results
 
 
+def _spaced(values) -> str:
+  """Values as one types them after a flag: ``0.01 0.1 2``."""
+  return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   """The parser, and that of ``reproduce`` (for its usage in error messages)."""
-  defaults = Config()
+  d = Config()
   parser = argparse.ArgumentParser(
     prog="jaxbn", description="Batch normalization for JAX: reproduce the paper's experiments."
   )
@@ -41,59 +51,127 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
       "and learning rates, ReLU networks and a CNN likewise; print a results table and "
       "write results.json and PNG figures (Figure 1 a, b, c analogues, learning-rate sweep)."
     ),
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  p.add_argument("--out", default="results", help="directory for results.json and figures")
-  p.add_argument("--steps", type=int, default=defaults.steps, help="SGD steps per MLP run")
+  # Each help states its default once, in the form one would type it.
   p.add_argument(
-    "--cnn-steps", type=int, default=None, help="SGD steps per CNN run (default: steps / 4)"
-  )
-  p.add_argument(
-    "--seeds", type=int, nargs="+", default=list(defaults.seeds), help="seeds (vectorized)"
-  )
-  p.add_argument(
-    "--lrs", type=float, nargs="+", default=list(defaults.lrs), help="MLP learning rates"
+    "--out",
+    default="results",
+    metavar="DIR",
+    help="directory for results.json and the figures; created, and checked writable, before "
+    "any training (default: results)",
   )
   p.add_argument(
-    "--cnn-lrs", type=float, nargs="+", default=list(defaults.cnn_lrs), help="CNN learning rates"
+    "--steps", type=int, default=d.steps, help=f"SGD steps per MLP run (default: {d.steps})"
+  )
+  p.add_argument(
+    "--cnn-steps",
+    type=int,
+    default=None,
+    help="SGD steps per CNN run (default: a quarter of --steps)",
+  )
+  p.add_argument(
+    "--seeds",
+    type=int,
+    nargs="+",
+    default=list(d.seeds),
+    help=f"seeds of the weights and data order, trained together (default: {_spaced(d.seeds)})",
+  )
+  p.add_argument(
+    "--lrs",
+    type=float,
+    nargs="+",
+    default=list(d.lrs),
+    help=f"learning rates of the MLPs (default: {_spaced(d.lrs)})",
+  )
+  p.add_argument(
+    "--cnn-lrs",
+    type=float,
+    nargs="+",
+    default=list(d.cnn_lrs),
+    help=f"learning rates of the CNN (default: {_spaced(d.cnn_lrs)})",
   )
   p.add_argument(
     "--fig1-lr",
     type=float,
     default=None,
-    help="learning rate of the Figure 1 plots (default: 2.0 if swept, else the largest)",
+    help="learning rate of the Figure 1 plots, one of --lrs (default: 2 if swept, else the "
+    "largest)",
   )
   p.add_argument(
     "--activations",
     nargs="+",
     choices=("sigmoid", "relu", "tanh"),
-    default=list(defaults.activations),
-    help="hidden activations of the MLP",
+    default=list(d.activations),
+    help="hidden activations of the MLPs; the Figure 1 plots need sigmoid "
+    f"(default: {_spaced(d.activations)})",
   )
-  p.add_argument("--model", choices=("mlp", "cnn", "both"), default=defaults.model)
+  p.add_argument(
+    "--model",
+    choices=("mlp", "cnn", "both"),
+    default=d.model,
+    help=f"which networks to train: the MLPs, the CNN or both (default: {d.model})",
+  )
   p.add_argument(
     "--dataset",
     choices=("digits", "mnist"),
     default=None,
-    help="bundled 8x8 digits, or MNIST from --data (default: mnist if --data is given)",
+    help="bundled 8x8 digits, or MNIST from --data (default: mnist if --data is given, "
+    "else digits)",
   )
   p.add_argument(
     "--data",
     default=None,
     metavar="PATH",
-    help="a Keras-layout mnist.npz or a directory with the four MNIST IDX files",
+    help="a Keras-layout mnist.npz or a directory with the four MNIST IDX files (nothing "
+    "is downloaded)",
   )
-  p.add_argument("--eval-every", type=int, default=defaults.eval_every)
-  p.add_argument("--target", type=float, default=defaults.target, help="target test accuracy")
   p.add_argument(
-    "--init-std", type=float, default=defaults.init_std, help="std of the MLP's initial weights"
+    "--eval-every",
+    type=int,
+    default=d.eval_every,
+    help=f"SGD steps between evaluations on the test set (default: {d.eval_every})",
+  )
+  p.add_argument(
+    "--target",
+    type=float,
+    default=d.target,
+    help=f"test accuracy whose first crossing is reported (default: {d.target:g})",
+  )
+  p.add_argument(
+    "--init-std",
+    type=float,
+    default=d.init_std,
+    help=f"std of the MLP's Gaussian initial weights (default: {d.init_std:g})",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return parser, p
 
 
+def _error(sub: argparse.ArgumentParser, flag: str, message: str) -> NoReturn:
+  """Exits with status 2: the usage, then one line naming ``flag``."""
+  message = " ".join(message.removeprefix("load_mnist: ").split())
+  sub.error(f"argument {flag}: {message}")
+
+
+def _check_out(out: str) -> None:
+  """Creates ``out`` and writes and removes a probe file in it; raises ``OSError`` if it can't."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    # makedirs would say "File exists", which reads as if the directory were fine.
+    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), out)
+  os.makedirs(out, exist_ok=True)
+  fd, probe = tempfile.mkstemp(prefix=".jaxbn-probe-", dir=out)
+  try:
+    os.write(fd, b"probe")
+  finally:
+    os.close(fd)
+    os.remove(probe)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``jaxbn`` console script; returns the exit status.
+
+  Arguments, the data file and ``--out`` are all checked before any training:
+  a bad one exits with status 2 and one line naming its flag.
 
   Examples:
     >>> from jaxbn.cli import main
@@ -123,25 +201,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_std=args.init_std,
     progress=not args.no_progress,
   )
+  # The fields the command line sets, named by their flags in error messages.
+  given = vars(args)
+  flags = {f.name: "--" + f.name.replace("_", "-") for f in fields(Config) if f.name in given}
   try:
-    config.validate()
-    if config.dataset == "mnist":
-      load_data(config)  # fail on a bad file before any training
-  except (ValueError, FileNotFoundError) as e:
+    config.validate(flags=flags)
+  except ValueError as e:
     sub.error(str(e))
+  if config.dataset == "mnist":
+    try:
+      load_data(config)  # a bad file fails here, not after minutes of training
+    except (ValueError, OSError) as e:
+      _error(sub, "--data", str(e))
+  try:
+    _check_out(args.out)
+  except OSError as e:
+    _error(sub, "--out", f"cannot create or write to {args.out!r} ({e.strerror or e}).")
   # Imported here, not at the top: optax and flax (training), matplotlib (figures).
   from jaxbn.reproduce.figures import write_figures
   from jaxbn.reproduce.run import reproduce
 
   start = time.perf_counter()
   results = reproduce(config)
-  paths = [write_results(results, args.out), *write_figures(results, args.out)]
   ds = results["dataset"]
+  # The table first: it is the result, and should show even if writing files fails.
   print(
     f"\n{ds['name']}: {ds['train']} training and {ds['test']} test images of shape "
     f"{tuple(ds['image_shape'])}; mini-batch {config.batch_size}; seeds {list(config.seeds)}"
   )
-  print(format_table(results))
+  print(format_table(results), flush=True)
+  paths = [write_results(results, args.out), *write_figures(results, args.out)]
   print(f"\nwrote {', '.join(paths)}")
   print(f"done in {time.perf_counter() - start:.0f} s")
   return 0

@@ -200,26 +200,39 @@ def load_mnist(path) -> Dataset:
 
 def _read_npz(p) -> dict[str, np.ndarray]:
   import zipfile
+  import zlib
 
+  expected = (
+    f"expected a Keras-layout mnist.npz (arrays {', '.join(_MNIST_KEYS)}) or a directory "
+    f"with the four IDX files."
+  )
+  # What a file that is not a readable archive raises, on opening or on reading a member.
+  unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
   try:
-    with np.load(p, allow_pickle=False) as f:
-      if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError("a single .npy array, not an .npz archive")
-      missing = [k for k in _MNIST_KEYS if k not in f.files]
-      if missing:
-        raise ValueError(
-          f"load_mnist: {str(p)!r} lacks the arrays {missing} (it has {sorted(f.files)}); "
-          f"expected the Keras mnist.npz layout with {', '.join(_MNIST_KEYS)}."
-        )
-      return {k: f[k] for k in _MNIST_KEYS}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    if str(e).startswith("load_mnist:"):
-      raise
+    f = np.load(p, allow_pickle=False)
+  except unreadable as e:
     raise ValueError(
-      f"load_mnist: cannot read {str(p)!r} as an .npz archive ({e}); expected a "
-      f"Keras-layout mnist.npz (arrays {', '.join(_MNIST_KEYS)}) or a directory "
-      f"with the four IDX files."
+      f"load_mnist: cannot read {str(p)!r} as an .npz archive ({e}); {expected}"
     ) from None
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    # np.load reads a .npy file as the one array it holds.
+    raise ValueError(
+      f"load_mnist: {str(p)!r} is a single .npy array of shape {np.shape(f)}, not an .npz "
+      f"archive; {expected}"
+    )
+  with f:
+    missing = [k for k in _MNIST_KEYS if k not in f.files]
+    if missing:
+      raise ValueError(
+        f"load_mnist: {str(p)!r} lacks the arrays {missing} (it has {sorted(f.files)}); "
+        f"expected the Keras mnist.npz layout with {', '.join(_MNIST_KEYS)}."
+      )
+    try:
+      return {k: f[k] for k in _MNIST_KEYS}
+    except unreadable as e:
+      raise ValueError(
+        f"load_mnist: cannot read {str(p)!r} as an .npz archive ({e}); {expected}"
+      ) from None
 
 
 def _find_idx(directory, name: str):
@@ -237,13 +250,17 @@ def _find_idx(directory, name: str):
 def _read_idx(p) -> np.ndarray:
   """Parses one IDX file: magic ``0, 0, dtype, ndim``, big-endian int32 dims, data."""
   import gzip
+  import zlib
 
   opener = gzip.open if p.name.endswith(".gz") else open
   try:
     with opener(p, "rb") as f:
       raw = f.read()
-  except OSError as e:  # gzip.BadGzipFile is an OSError
+  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError, corrupt data zlib.error.
+  except (OSError, EOFError, zlib.error) as e:
     raise ValueError(f"load_mnist: cannot read {str(p)!r} ({e}).") from None
+  if not raw:
+    raise ValueError(f"load_mnist: {str(p)!r} is empty; expected an IDX file.")
   expected = "an IDX file: bytes 0, 0, a type code, the number of dimensions, then sizes and data"
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
     raise ValueError(f"load_mnist: {str(p)!r} has a bad header {raw[:4]!r}; expected {expected}.")

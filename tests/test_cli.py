@@ -1,6 +1,7 @@
 """`jaxbn reproduce`: results.json, figures and table from one command; MNIST from user files."""
 
 import dataclasses
+import gzip
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 
 from jaxbn import cli
 from jaxbn.reproduce import config as config_lib
+from jaxbn.reproduce import figures as figures_lib
 from jaxbn.reproduce import run as run_lib
 
 pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
@@ -144,19 +146,44 @@ def test_mnist_idx_files_run_the_cnn(tmp_path):
   assert (out / "cnn.png").exists()
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+  """Makes any training fail the test: the checks under test must come before it."""
+
+  def reproduce(config):
+    raise AssertionError("trained before the arguments, data and --out were checked")
+
+  monkeypatch.setattr(run_lib, "reproduce", reproduce)
+
+
+def _check_one_line_error(err, flag=None):
+  # argparse's usage, then exactly one line with the message; no traceback.
+  assert "Traceback" not in err
+  errors = [line for line in err.splitlines() if "error:" in line]
+  assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]), err
+  if flag is not None:
+    assert errors[0].startswith(f"jaxbn reproduce: error: argument {flag}: "), err
+
+
 @pytest.mark.parametrize(
   ("extra", "message"),
   [
     (["--data", "{tmp}/missing.npz"], r"missing\.npz' does not exist; expected a Keras-layout"),
     (["--data", "{tmp}/bad.npz"], r"cannot read .*bad\.npz' as an \.npz archive"),
-    (["--dataset", "mnist"], r"dataset 'mnist' needs data=PATH"),
+    (["--dataset", "mnist"], r"--dataset mnist needs --data PATH"),
     (["--dataset", "digits", "--data", "{tmp}/bad.npz"], r"--data is for --dataset mnist"),
     (["--lrs", "0.1", "-1"], r"lrs must be positive finite learning rates, got \[-1\.0\]"),
-    (["--lrs", "0.1", "--fig1-lr", "2"], r"fig1_lr=2\.0 must be one of lrs=\[0\.1\]"),
+    (["--lrs", "0.1", "--fig1-lr", "2"], r"--fig1-lr 2\.0 must be one of --lrs \[0\.1\]"),
     (["--steps", "0"], r"steps must be a positive integer, got 0"),
+    (["--eval-every", "0"], r"--eval-every must be a positive integer, got 0"),
+    (["--cnn-steps", "0"], r"--cnn-steps must be a positive integer, got 0"),
+    (["--cnn-lrs", "inf"], r"--cnn-lrs must be positive finite learning rates, got \[inf\]"),
+    (["--seeds", "0", "-1"], r"--seeds must be non-negative integers, got \[-1\]"),
+    (["--target", "1.5"], r"--target must be an accuracy in \(0, 1\], got 1\.5"),
+    (["--init-std", "0"], r"--init-std must be positive, got 0\.0"),
   ],
 )
-def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, extra, message):
+def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, no_training, extra, message):
   (tmp_path / "bad.npz").write_bytes(b"not an archive")
   extra = [a.format(tmp=tmp_path) for a in extra]
   with pytest.raises(SystemExit) as exit_info:
@@ -166,6 +193,7 @@ def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, extra, messa
   assert "usage: jaxbn reproduce" in err
   assert re.search(message, err), err
   assert not (tmp_path / "out").exists()
+  _check_one_line_error(err)
 
 
 def test_the_command_line_loads_no_framework():
@@ -193,3 +221,131 @@ def test_python_dash_m_jaxbn_is_the_command_line():
   )
   assert proc.returncode == 0, proc.stderr
   assert "--data PATH" in proc.stdout and "--no-progress" in proc.stdout
+
+
+def _write_idx_dir(directory, n_train=64, gz=False):
+  rng = np.random.default_rng(1)
+  arrays = {
+    "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+    "train-labels-idx1-ubyte": rng.integers(0, 10, n_train).astype(np.uint8),
+    "t10k-images-idx3-ubyte": rng.integers(0, 256, (16, 28, 28), dtype=np.uint8),
+    "t10k-labels-idx1-ubyte": rng.integers(0, 10, 16).astype(np.uint8),
+  }
+  for name, a in arrays.items():
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    raw = header + a.tobytes()
+    if gz:
+      (directory / (name + ".gz")).write_bytes(gzip.compress(raw))
+    else:
+      (directory / name).write_bytes(raw)
+
+
+def _truncated_gz(tmp_path):
+  _write_idx_dir(tmp_path, gz=True)
+  gz = tmp_path / "train-images-idx3-ubyte.gz"
+  gz.write_bytes(gz.read_bytes()[:-200])
+  return tmp_path
+
+
+def _npy(tmp_path):
+  np.save(tmp_path / "mnist.npy", np.zeros((4, 28, 28), np.uint8))
+  return tmp_path / "mnist.npy"
+
+
+def _npz_without_keys(tmp_path):
+  np.savez(tmp_path / "mnist.npz", images=np.zeros((4, 28, 28), np.uint8))
+  return tmp_path / "mnist.npz"
+
+
+def _too_few_examples(tmp_path):
+  _write_mnist_npz(tmp_path / "mnist.npz", n_train=10, n_test=8)
+  return tmp_path / "mnist.npz"
+
+
+@pytest.mark.parametrize(
+  ("make", "message"),
+  [
+    (_truncated_gz, r"cannot read .*train-images-idx3-ubyte\.gz' \(Compressed file ended"),
+    (_npy, r"mnist\.npy' is a single \.npy array of shape \(4, 28, 28\), not an \.npz archive"),
+    (lambda t: t / "missing.npz", r"missing\.npz' does not exist; expected a Keras-layout"),
+    (_npz_without_keys, r"lacks the arrays \['x_train', 'y_train', 'x_test', 'y_test'\]"),
+    (_too_few_examples, r"holds 10 training examples, fewer than one mini-batch of 60"),
+  ],
+  ids=["truncated-gz", "npy", "missing", "npz-keys", "too-few-examples"],
+)
+def test_every_bad_data_file_is_a_one_line_error_naming_data(
+  tmp_path, capsys, no_training, make, message
+):
+  path = make(tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["reproduce", "--data", str(path), "--out", str(tmp_path / "out")])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "usage: jaxbn reproduce" in err
+  assert re.search(message, err), err
+  _check_one_line_error(err, "--data")
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_an_unwritable_out_is_a_one_line_error_before_training(
+  tmp_path, capsys, no_training, where
+):
+  (tmp_path / "file").write_text("not a directory")
+  out = tmp_path / "file" if where == "a-file" else tmp_path / "file" / "results"
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["reproduce", "--out", str(out), *TINY])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert re.search(r"cannot create or write to '.*file.*' \(Not a directory\)", err)
+  _check_one_line_error(err, "--out")
+
+
+def test_out_is_created_and_probed_before_training_and_the_table_printed_before_files(
+  tmp_path, capsys, monkeypatch
+):
+  out = tmp_path / "new" / "out"
+  events = []
+
+  def reproduce(config):
+    # --out exists already, and the probe file is gone.
+    events.append(("train", sorted(os.listdir(out))))
+    ds = {"name": "digits", "train": 1347, "test": 450, "image_shape": [8, 8, 1]}
+    return {"dataset": ds}
+
+  def write(kind):
+    def writer(results, directory):
+      events.append((kind, capsys.readouterr().out))
+      return os.path.join(directory, kind)
+
+    return writer
+
+  monkeypatch.setattr(run_lib, "reproduce", reproduce)
+  monkeypatch.setattr(cli, "format_table", lambda results: "THE TABLE")
+  monkeypatch.setattr(cli, "write_results", write("results.json"))
+  monkeypatch.setattr(figures_lib, "write_figures", lambda r, d: [write("fig1.png")(r, d)])
+  assert cli.main(["reproduce", "--out", str(out), *TINY]) == 0
+  assert events[0] == ("train", [])
+  assert events[1][0] == "results.json" and "THE TABLE" in events[1][1]
+  assert events[2] == ("fig1.png", "")
+  assert "wrote" in capsys.readouterr().out
+
+
+def test_help_documents_every_flag_and_each_default_once(capsys, monkeypatch):
+  monkeypatch.setenv("COLUMNS", "100")
+  _, sub = cli._parser()
+  for action in sub._actions:
+    assert action.help, action.option_strings
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["reproduce", "--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out.split("options:")[1]
+  # One block per option: its flag line and the indented lines of its help.
+  blocks = re.split(r"\n(?=  -)", text.strip("\n"))
+  assert len(blocks) == len(sub._actions)
+  for block in blocks:
+    flag, _, help_text = block.strip().partition(" ")
+    assert help_text.strip(), f"{flag} has no help"
+    assert block.count("default") <= 1, block
+  assert "(default: None)" not in text and "(default: False)" not in text
+  assert "(default: 0.01 0.1 0.5 2 5)" in text and "(default: both)" in text

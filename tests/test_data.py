@@ -149,3 +149,20 @@ def test_bad_gzip_is_named(tmp_path):
   (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
   with pytest.raises(ValueError, match=r"cannot read .*t10k-images-idx3-ubyte\.gz"):
     data.load_mnist(tmp_path)
+
+
+def test_truncated_or_empty_gzip_is_named(tmp_path):
+  _write_idx(tmp_path, _arrays(), gz=True)
+  gz = tmp_path / "train-images-idx3-ubyte.gz"
+  gz.write_bytes(gz.read_bytes()[:-200])
+  with pytest.raises(ValueError, match=r"cannot read .*train-images-idx3-ubyte\.gz.*ended"):
+    data.load_mnist(tmp_path)
+  gz.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz' is empty"):
+    data.load_mnist(tmp_path)
+
+
+def test_npy_instead_of_npz_is_a_clear_error(tmp_path):
+  np.save(tmp_path / "mnist.npy", _arrays()["x_train"])
+  with pytest.raises(ValueError, match=r"mnist\.npy' is a single \.npy array .* not an \.npz"):
+    data.load_mnist(tmp_path / "mnist.npy")

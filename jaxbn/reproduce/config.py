@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 from jaxbn import data as data_lib
 
@@ -66,36 +67,65 @@ class Config:
   target: float = 0.9
   progress: bool = False
 
-  def validate(self) -> Config:
-    """Raises ``ValueError`` naming the first bad field; returns ``self``."""
+  def validate(self, *, flags: Mapping[str, str] | None = None) -> Config:
+    """Raises ``ValueError`` naming the first bad field; returns ``self``.
+
+    Args:
+      flags: what to call a field in the messages, e.g. ``{'fig1_lr': '--fig1-lr'}``
+        (the command line passes its flags); fields not in it go by their names.
+
+    Returns:
+      ``self``.
+
+    Examples:
+      >>> from jaxbn.reproduce import Config
+      >>> Config(steps=0).validate(flags={"steps": "--steps"})
+      Traceback (most recent call last):
+      ...
+      ValueError: --steps must be a positive integer, got 0.
+    """
+    flags = dict(flags or {})
+
+    def name(field: str) -> str:
+      return flags.get(field, field)
+
+    def given(field: str, value) -> str:
+      return f"{flags[field]} {value}" if field in flags else f"{field}={value}"
+
     ints = {"steps": self.steps, "batch_size": self.batch_size, "eval_every": self.eval_every}
     if self.cnn_steps is not None:
       ints["cnn_steps"] = self.cnn_steps
-    for name, v in ints.items():
+    for field, v in ints.items():
       if not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}.")
-    for name in ("seeds", "lrs", "cnn_lrs", "activations"):
-      if not getattr(self, name):
-        raise ValueError(f"{name} must not be empty.")
-    for name in ("lrs", "cnn_lrs"):
-      bad = [v for v in getattr(self, name) if not (math.isfinite(v) and v > 0)]
+        raise ValueError(f"{name(field)} must be a positive integer, got {v!r}.")
+    for field in ("seeds", "lrs", "cnn_lrs", "activations"):
+      if not getattr(self, field):
+        raise ValueError(f"{name(field)} must not be empty.")
+    bad = [s for s in self.seeds if not isinstance(s, int) or s < 0]
+    if bad:  # they seed NumPy's generator of the data order, which takes no negative seed
+      raise ValueError(f"{name('seeds')} must be non-negative integers, got {bad}.")
+    for field in ("lrs", "cnn_lrs"):
+      bad = [v for v in getattr(self, field) if not (math.isfinite(v) and v > 0)]
       if bad:
-        raise ValueError(f"{name} must be positive finite learning rates, got {bad}.")
+        raise ValueError(f"{name(field)} must be positive finite learning rates, got {bad}.")
     if self.model not in ("mlp", "cnn", "both"):
-      raise ValueError(f"model must be 'mlp', 'cnn' or 'both', got {self.model!r}.")
+      raise ValueError(f"{name('model')} must be 'mlp', 'cnn' or 'both', got {self.model!r}.")
     if self.dataset not in ("digits", "mnist"):
-      raise ValueError(f"dataset must be 'digits' or 'mnist', got {self.dataset!r}.")
+      raise ValueError(f"{name('dataset')} must be 'digits' or 'mnist', got {self.dataset!r}.")
     if self.dataset == "mnist" and not self.data:
+      mnist = "--dataset mnist" if "dataset" in flags else "dataset 'mnist'"
       raise ValueError(
-        "dataset 'mnist' needs data=PATH: a Keras-layout mnist.npz or a directory "
+        f"{mnist} needs {given('data', 'PATH')}: a Keras-layout mnist.npz or a directory "
         "with the four IDX files (nothing is downloaded)."
       )
     if self.fig1_lr is not None and self.fig1_lr not in self.lrs:
-      raise ValueError(f"fig1_lr={self.fig1_lr} must be one of lrs={list(self.lrs)}.")
+      raise ValueError(
+        f"{given('fig1_lr', self.fig1_lr)} must be one of {given('lrs', list(self.lrs))}."
+      )
     if not 0 < self.target <= 1:
-      raise ValueError(f"target must be an accuracy in (0, 1], got {self.target}.")
+      raise ValueError(f"{name('target')} must be an accuracy in (0, 1], got {self.target}.")
     if self.init_std <= 0:
-      raise ValueError(f"init_std must be positive, got {self.init_std}.")
+      raise ValueError(f"{name('init_std')} must be positive, got {self.init_std}.")
     return self
 
   @property
@@ -104,7 +134,21 @@ class Config:
 
 
 def load_data(config: Config) -> tuple[data_lib.Dataset, str]:
-  """The data set named by ``config`` and a short name for it."""
+  """The data set named by ``config`` and a short name for it.
+
+  Raises:
+    FileNotFoundError: ``config.data`` does not exist (see :func:`jaxbn.data.load_mnist`).
+    ValueError: the file is not MNIST, or holds fewer training examples than
+      one mini-batch (``config.batch_size``).
+  """
   if config.dataset == "mnist":
-    return data_lib.load_mnist(config.data), "mnist"
-  return data_lib.load_digits(), "digits"
+    ds, name = data_lib.load_mnist(config.data), "mnist"
+  else:
+    ds, name = data_lib.load_digits(), "digits"
+  if len(ds.x_train) < config.batch_size:
+    source = repr(str(config.data)) if config.dataset == "mnist" else name
+    raise ValueError(
+      f"{source} holds {len(ds.x_train)} training examples, fewer than one mini-batch of "
+      f"{config.batch_size}; at least {config.batch_size} are needed."
+    )
+  return ds, name
