@@ -1,7 +1,10 @@
 """Speed of the core against flax.linen.BatchNorm, side by side in one process.
 
-Train step: ``jax.jit(jax.value_and_grad(sum(y * x)))`` with respect to scale,
-bias and x, running statistics threaded out. Inference: ``bn_infer`` against a
+Train step: ``jax.jit(jax.value_and_grad(sum(y * ct)))`` with respect to scale,
+bias and x, running statistics threaded out, with ``ct`` a fixed random array
+independent of ``x`` (in a model the output's cotangent is not the input: with
+``sum(y * x)`` XLA would reuse the forward's ``sum(x)`` as the backward's
+``sum(dy)``, a saving no model gets). Inference: ``bn_infer`` against a
 plain copy of the same array (NumPy, and XLA under jit) and against the
 cheapest XLA elementwise op (``x * 1.5 + 0.5`` with scalar constants). Runs are interleaved
 (one of each in turn) and the median of ``--reps`` is reported, so both sides
@@ -38,18 +41,18 @@ import jaxbn
 SHAPES = [(256, 1024), (1024, 4096), (64, 32, 32, 64), (32, 56, 56, 128)]
 
 
-def _jaxbn_step(params, state):
+def _jaxbn_step(params, state, ct):
   def loss(p, x):
     y, new_state = jaxbn.bn_train(p, state, x)
-    return jnp.sum(y * x), new_state
+    return jnp.sum(y * ct), new_state
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _flax_step(module, stats):
+def _flax_step(module, stats, ct):
   def loss(p, x):
     y, upd = module.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
-    return jnp.sum(y * x), upd["batch_stats"]
+    return jnp.sum(y * ct), upd["batch_stats"]
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
@@ -80,8 +83,9 @@ def bench(shape, reps: int) -> dict:
   variables = module.init(jax.random.key(1), x[:2])
   fparams, fstats = variables["params"], variables["batch_stats"]
 
-  ours = _jaxbn_step(params, state)
-  theirs = _flax_step(module, fstats)
+  ct = jax.random.normal(jax.random.key(2), shape)
+  ours = _jaxbn_step(params, state, ct)
+  theirs = _flax_step(module, fstats, ct)
   infer = jax.jit(lambda x: jaxbn.bn_infer(params, state, x))
   xla_copy = jax.jit(lambda x: x.copy())
   xla_affine = jax.jit(lambda x: x * 1.5 + 0.5)
