@@ -328,6 +328,7 @@ def _plain_bn(params, x, axis=-1, mask=None, eps=1e-5):
   return (x - mu) / jnp.sqrt(var + eps) * params.scale.reshape(bshape) + params.bias.reshape(bshape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("masked", [False, True])
 def test_analytic_gradient_equals_autodiff(shape, axis, masked):
@@ -345,6 +346,7 @@ def test_analytic_gradient_equals_autodiff(shape, axis, masked):
   chex.assert_trees_all_close(ours(params, x), ref(params, x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_check_grads_order_two_float64():
   with jax.enable_x64(True):
     params = jaxbn.BNParams(
@@ -622,6 +624,7 @@ def test_axis_index_groups_normalize_groups_independently():
 # ---------------------------------------------------- ghost batch and renorm
 
 
+@pytest.mark.slow
 def test_ghost_batches_are_contiguous_and_inference_unchanged():
   params, state = _random_params(jax.random.key(0), (3,))
   x = jax.random.normal(jax.random.key(1), (12, 2, 3)) + jnp.arange(12.0)[:, None, None]

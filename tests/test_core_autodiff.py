@@ -218,6 +218,7 @@ def test_shard_map_per_device_statistics_with_gradients():
   np.testing.assert_allclose(gx, np.concatenate([s[1][1] for s in shards]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shard_map_2d_mesh_statistics_over_one_axis():
   """x split over 'data' and 'model'; statistics synchronized over 'data' only."""
   mesh = _mesh2d()

@@ -81,6 +81,7 @@ def test_vectorized_looped_and_single_runs_agree():
   assert not np.allclose(together.losses[1], together.losses[2])
 
 
+@pytest.mark.slow
 def test_evaluation_steps_and_callback():
   x, y = _data()
   params, state = _init(jax.random.key(0))

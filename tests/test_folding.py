@@ -118,6 +118,7 @@ def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
 def test_fold_linen_model_gives_the_same_inference_output(cnn):
   from jaxbn.models import CNN
@@ -155,6 +156,7 @@ def test_fold_nnx_model_gives_the_same_inference_output(cnn):
   _close(folded(x), model(x, train=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
 def test_fold_params_of_plain_jax_models(cnn):
   from jaxbn import models

@@ -61,6 +61,7 @@ def test_mlp_places_bn_between_affine_map_and_activation():
     np.testing.assert_allclose(np.var(np.asarray(p, np.float64), 0), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_use_bn_false_keeps_dense_bias_and_has_no_statistics():
   x, _ = _batch(d=5)
   variables = models.MLP(features=(8,), use_bn=False).init(jax.random.key(0), x, train=False)
@@ -92,6 +93,7 @@ def _functional_from_linen_mlp(variables, n_hidden):
   return {"hidden": hidden, "head": p[f"Dense_{n_hidden}"]}, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 def test_linen_nnx_and_functional_mlps_agree(activation):
   x, _ = _batch(d=7)
@@ -175,6 +177,7 @@ def test_linen_nnx_and_functional_cnns_agree():
   assert inter["preactivation"][-1].shape == (6, 4, 4, 6)
 
 
+@pytest.mark.slow
 def test_bn_options_reach_the_layers():
   x, _ = _batch(n=16, d=5)
   model = models.MLP(features=(4,), bn_options=jaxbn.BNOptions(momentum=None, ghost_batch_size=4))
@@ -239,6 +242,7 @@ def test_cnn_with_bn_learns_digits(digits):
   assert training.evaluate(state, digits.x_test, digits.y_test)["accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_train_step_threads_statistics_and_matches_a_hand_written_step():
   x, y = _batch()
   model = models.MLP(features=(6,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.5))
@@ -282,6 +286,7 @@ def test_no_retrace_after_the_first_step():
   assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_eval_uses_running_statistics_and_ignores_batching():
   x, y = _batch(n=40)
   model = models.MLP(features=(6,), num_classes=4, bn_options=jaxbn.BNOptions(momentum=0.5))
@@ -295,6 +300,7 @@ def test_eval_uses_running_statistics_and_ignores_batching():
   np.testing.assert_allclose(whole["loss"], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_weight_decay_mask_skips_bn_scale_and_bias():
   x, _ = _batch()
   for model in (models.MLP(features=(6, 5)), models.CNN(features=(3,))):

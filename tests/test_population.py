@@ -49,6 +49,7 @@ def _batches(sizes, din=5, seed=1):
   return [(rng.normal(size=(n, din)) * 3 + 2).astype(np.float32) for n in sizes]
 
 
+@pytest.mark.slow
 def test_exact_equals_numpy_on_concatenated_activations():
   params, states = _params()
   batches = _batches([16, 7, 32, 3])  # unequal sizes: a plain mean of means is wrong
@@ -192,6 +193,7 @@ def test_bad_arguments_are_named():
     jaxbn.population_stats(forward, params, {"bn1": states["bn1"], "w": 1.0}, [], progress=False)
 
 
+@pytest.mark.slow
 def test_statistics_over_the_global_batch_of_a_device_mesh():
   params, states = _params()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -324,6 +326,7 @@ def test_linen_models_get_exact_statistics_for_every_layer(cnn):
   jax.tree.map(np.testing.assert_array_equal, got["params"], variables["params"])
 
 
+@pytest.mark.slow
 def test_linen_paper_estimator_and_inference_with_the_new_statistics():
   from jaxbn.models import MLP
 
@@ -357,6 +360,7 @@ def test_linen_model_with_flax_batchnorm_is_refused():
     jaxbn.linen_population_stats(model, variables, [x], train=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cnn", [False, True], ids=["mlp", "cnn"])
 def test_nnx_models_get_exact_statistics_for_every_layer(cnn):
   from flax import nnx
@@ -396,6 +400,7 @@ def test_nnx_forced_evaluation_mode_is_refused():
     jaxbn.nnx_population_stats(model, _digits_batches(image=False), train=False, progress=False)
 
 
+@pytest.mark.slow
 def test_plain_jax_models_through_population_stats():
   from jaxbn.models import apply_mlp
   from jaxbn.models import init_mlp
