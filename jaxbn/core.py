@@ -396,7 +396,7 @@ def _train_kernel(cfg: _Config):
   def affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax):
     """``y = ((x - shift) - delta) * a + b``; also ``rstd`` and renorm's ``r, d``."""
     dt = delta.dtype
-    var = jnp.where(count > 0, jnp.maximum(m2, 0) / jnp.where(count > 0, count, 1), 0)
+    var = numerics.variance(numerics.Moments(count, delta, m2))
     rstd = jax.lax.rsqrt(var + cfg.epsilon)
     g = scale.astype(dt)
     if not cfg.renorm:

@@ -216,19 +216,7 @@ class BatchNorm(nnx.Module):
         "constructor or the call, or use model.train() / model.eval()."
       ),
     )
-    shape = self.feature_shape
-    params = BNParams(
-      scale=self.scale[...] if self.scale is not None else jnp.ones(shape, self.param_dtype),
-      bias=self.bias[...] if self.bias is not None else jnp.zeros(shape, self.param_dtype),
-    )
-    # Entries this configuration does not store are never read by the core.
-    state = _shell.initial_state(shape, self.param_dtype)._replace(
-      mean=self.mean[...], var=self.var[...]
-    )
-    if self.count is not None:
-      state = state._replace(count=self.count[...])
-    if self.step is not None:
-      state = state._replace(step=self.step[...])
+    params, state = params_and_state(self)
     y, new = _shell.normalize(
       params, state, x, _shell.options_of(self), use_running_average=use_running_average, mask=mask
     )
@@ -251,6 +239,26 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def params_and_state(bn: BatchNorm) -> tuple[BNParams, BNState]:
+  """The core's ``(params, state)`` read from a :class:`BatchNorm`'s variables.
+
+  ``scale`` 1 and ``bias`` 0 where the layer does not learn them; ``count`` 0
+  and ``step`` 0 where its configuration does not store them (the core then
+  never reads them).
+  """
+  shape = bn.feature_shape
+  params = BNParams(
+    scale=bn.scale[...] if bn.scale is not None else jnp.ones(shape, bn.param_dtype),
+    bias=bn.bias[...] if bn.bias is not None else jnp.zeros(shape, bn.param_dtype),
+  )
+  state = _shell.initial_state(shape, bn.param_dtype)._replace(mean=bn.mean[...], var=bn.var[...])
+  if bn.count is not None:
+    state = state._replace(count=bn.count[...])
+  if bn.step is not None:
+    state = state._replace(step=bn.step[...])
+  return params, state
 
 
 # --------------------------------------------------------------------------
@@ -307,15 +315,7 @@ def nnx_population_stats(
   layers = bn_layers(model)
   if not layers:
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
-  states = {
-    k: BNState(
-      mean=bn.mean[...],
-      var=bn.var[...],
-      count=bn.count[...] if bn.count is not None else jnp.zeros_like(bn.mean[...]),
-      step=bn.step[...] if bn.step is not None else jnp.zeros((), jnp.int32),
-    )
-    for k, bn in layers.items()
-  }
+  states = {k: params_and_state(bn)[1] for k, bn in layers.items()}
   graphdef, nnx_state = nnx.split(model)
 
   def forward(nnx_state, states, x, **bn_kwargs):

@@ -9,12 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _shell
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
-from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
-from jaxbn.core import bn_train
 from jaxbn.folding import fold_bn
 from jaxbn.models._common import Activation
 from jaxbn.models._common import _activation
@@ -80,10 +79,9 @@ def init_mlp(
   return {"hidden": hidden, "head": head}, tuple(state)
 
 
-def _bn_apply(bn_params: BNParams, state: BNState, x: jax.Array, train: bool, bn: dict):
-  if train:
-    return bn_train(bn_params, state, x, **bn)
-  return bn_infer(bn_params, state, x, epsilon=bn["epsilon"]), state
+def _bn_apply(bn_params: BNParams, state: BNState, x: jax.Array, train: bool, bn: BNOptions):
+  y, new = _shell.normalize(bn_params, state, x, bn, use_running_average=not train)
+  return y, state if new is None else new
 
 
 def apply_mlp(
@@ -121,7 +119,7 @@ def apply_mlp(
     ((2, 3), 1)
   """
   act = _activation(activation)
-  bn = bn_options._asdict()
+  bn = bn_options
   x = _flatten(x)
   new_state, pre = [], []
   for i, layer in enumerate(params["hidden"]):
@@ -226,7 +224,7 @@ def apply_cnn(
     >>> logits.shape
     (2, 10)
   """
-  bn = bn_options._asdict()
+  bn = bn_options
   new_state, pre = [], []
   for i, block in enumerate(params["conv"]):
     x = _conv(x, block["kernel"])

@@ -6,13 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import nnx as jbn_nnx
 from jaxbn.core import BNOptions
-from jaxbn.core import BNParams
-from jaxbn.core import BNState
 from jaxbn.folding import fold_bn
 from jaxbn.models._common import PREACTIVATION
 from jaxbn.models._common import Activation
@@ -191,13 +188,7 @@ def fold_nnx(model: Any) -> Any:
   folded = nnx.clone(model)
   layers = folded.dense if isinstance(folded, NNXMLP) else folded.conv
   for layer, bn in zip(layers, folded.bn, strict=True):
-    params = BNParams(
-      bn.scale[...] if bn.scale is not None else jnp.ones(bn.feature_shape, bn.param_dtype),
-      bn.bias[...] if bn.bias is not None else jnp.zeros(bn.feature_shape, bn.param_dtype),
-    )
-    state = BNState(
-      bn.mean[...], bn.var[...], jnp.zeros_like(bn.mean[...]), jnp.zeros((), jnp.int32)
-    )
+    params, state = jbn_nnx.params_and_state(bn)
     old_bias = layer.bias[...] if layer.bias is not None else None
     kernel, bias = fold_bn(layer.kernel[...], old_bias, params, state, epsilon=bn.epsilon)
     layer.kernel[...] = kernel
