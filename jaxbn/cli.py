@@ -4,7 +4,8 @@
 (:mod:`jaxbn.reproduce`), prints a results table and writes
 ``results.json`` and PNG figures::
 
-    jaxbn reproduce --out results                      # bundled 8x8 digits, ~2 min on 2 cores
+    jaxbn reproduce --out results                      # bundled 8x8 digits, the full run
+    jaxbn reproduce --quick --out quick                # the same claims on a smaller budget
     jaxbn reproduce --dataset mnist --data mnist.npz --steps 50000 --out mnist
 
 ``python -m jaxbn`` is the same command. This module imports only the
@@ -19,14 +20,15 @@ import errno
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import NoReturn
 
+from jaxbn.reproduce.config import QUICK
 from jaxbn.reproduce.config import Config
 from jaxbn.reproduce.config import load_data
-from jaxbn.reproduce.report import format_table
+from jaxbn.reproduce.report import format_report
+from jaxbn.reproduce.report import write_report
 from jaxbn.reproduce.report import write_results
 
 
@@ -35,9 +37,19 @@ def _spaced(values) -> str:
   return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _default(field: str, text: str | None = None) -> str:
+  """``(default: X)``, with ``--quick``'s value where it differs."""
+  d, q = getattr(Config(), field), getattr(Config.quick(), field)
+  shown = text or (_spaced(d) if isinstance(d, tuple) else f"{d:g}" if isinstance(d, float) else d)
+  return f"(default: {shown}{f'; --quick: {q}' if q != d else ''})"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-  """The parser, and that of ``reproduce`` (for its usage in error messages)."""
-  d = Config()
+  """The parser, and that of ``reproduce`` (for its usage in error messages).
+
+  The flags of configuration fields default to None, meaning "the preset's
+  value": :class:`Config`'s, or :meth:`Config.quick`'s with ``--quick``.
+  """
   parser = argparse.ArgumentParser(
     prog="jaxbn", description="Batch normalization for JAX: reproduce the paper's experiments."
   )
@@ -48,8 +60,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     description=(
       "Train the network of Ioffe & Szegedy (2015), Sec. 4.1 (3 hidden layers of 100 "
       "sigmoid units, mini-batch 60, plain SGD) with and without batch norm over seeds "
-      "and learning rates, ReLU networks and a CNN likewise; print a results table and "
-      "write results.json and PNG figures (Figure 1 a, b, c analogues, learning-rate sweep)."
+      "and learning rates, ReLU networks and a CNN likewise; check the paper's claims on the "
+      "run's own data; print the report (machine, table, claims) and write results.json, "
+      "report.md and PNG figures (Figure 1 a, b, c analogues, learning-rate sweep)."
     ),
   )
   # Each help states its default once, in the form one would type it.
@@ -57,38 +70,39 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     "--out",
     default="results",
     metavar="DIR",
-    help="directory for results.json and the figures; created, and checked writable, before "
-    "any training (default: results)",
+    help="directory for results.json, report.md and the figures; created, and checked "
+    "writable, before any training (default: results)",
   )
   p.add_argument(
-    "--steps", type=int, default=d.steps, help=f"SGD steps per MLP run (default: {d.steps})"
+    "--quick",
+    action="store_true",
+    help=f"a smaller budget with the same claims: {_spaced(f'{k}={v}' for k, v in QUICK.items())} "
+    "(flags given beside it still apply)",
   )
+  p.add_argument("--steps", type=int, help=f"SGD steps per MLP run {_default('steps')}")
   p.add_argument(
     "--cnn-steps",
     type=int,
     default=None,
-    help="SGD steps per CNN run (default: a quarter of --steps)",
+    help="SGD steps per CNN run (default: --steps, so that every network has the same budget)",
   )
   p.add_argument(
     "--seeds",
     type=int,
     nargs="+",
-    default=list(d.seeds),
-    help=f"seeds of the weights and data order, trained together (default: {_spaced(d.seeds)})",
+    help=f"seeds of the weights and data order, trained together {_default('seeds')}",
   )
   p.add_argument(
     "--lrs",
     type=float,
     nargs="+",
-    default=list(d.lrs),
-    help=f"learning rates of the MLPs (default: {_spaced(d.lrs)})",
+    help=f"learning rates of the MLPs {_default('lrs')}",
   )
   p.add_argument(
     "--cnn-lrs",
     type=float,
     nargs="+",
-    default=list(d.cnn_lrs),
-    help=f"learning rates of the CNN (default: {_spaced(d.cnn_lrs)})",
+    help=f"learning rates of the CNN {_default('cnn_lrs')}",
   )
   p.add_argument(
     "--fig1-lr",
@@ -101,15 +115,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     "--activations",
     nargs="+",
     choices=("sigmoid", "relu", "tanh"),
-    default=list(d.activations),
-    help="hidden activations of the MLPs; the Figure 1 plots need sigmoid "
-    f"(default: {_spaced(d.activations)})",
+    help=f"hidden activations of the MLPs; the Figure 1 plots need sigmoid "
+    f"{_default('activations')}",
   )
   p.add_argument(
     "--model",
     choices=("mlp", "cnn", "both"),
-    default=d.model,
-    help=f"which networks to train: the MLPs, the CNN or both (default: {d.model})",
+    help=f"which networks to train: the MLPs, the CNN or both {_default('model')}",
   )
   p.add_argument(
     "--dataset",
@@ -128,20 +140,23 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   p.add_argument(
     "--eval-every",
     type=int,
-    default=d.eval_every,
-    help=f"SGD steps between evaluations on the test set (default: {d.eval_every})",
+    help=f"SGD steps between evaluations on the test set {_default('eval_every')}",
   )
   p.add_argument(
     "--target",
     type=float,
-    default=d.target,
-    help=f"test accuracy whose first crossing is reported (default: {d.target:g})",
+    help=f"test accuracy whose first crossing is reported {_default('target')}",
   )
   p.add_argument(
     "--init-std",
     type=float,
-    default=d.init_std,
-    help=f"std of the MLP's Gaussian initial weights (default: {d.init_std:g})",
+    help=f"std of the MLP's Gaussian initial weights {_default('init_std')}",
+  )
+  p.add_argument(
+    "--final-evals",
+    type=int,
+    help="a run's final accuracy is the mean of its last this many evaluations "
+    f"{_default('final_evals')}",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return parser, p
@@ -185,24 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   dataset = args.dataset or ("mnist" if args.data else "digits")
   if dataset == "digits" and args.data:
     sub.error("--data is for --dataset mnist; the digits are bundled with scikit-learn.")
-  config = Config(
-    steps=args.steps,
-    cnn_steps=args.cnn_steps,
-    seeds=tuple(args.seeds),
-    lrs=tuple(args.lrs),
-    cnn_lrs=tuple(args.cnn_lrs),
-    fig1_lr=args.fig1_lr,
-    activations=tuple(args.activations),
-    model=args.model,
-    dataset=dataset,
-    data=args.data,
-    eval_every=args.eval_every,
-    target=args.target,
-    init_std=args.init_std,
-    progress=not args.no_progress,
-  )
-  # The fields the command line sets, named by their flags in error messages.
+  # The preset, then every configuration flag given on the command line.
   given = vars(args)
+  changes = {
+    f.name: tuple(v) if isinstance(v, list) else v
+    for f in fields(Config)
+    if (v := given.get(f.name)) is not None
+  }
+  changes.update(dataset=dataset, data=args.data, progress=not args.no_progress)
+  config = (Config.quick if args.quick else Config)(**changes)
+  # The fields the command line sets, named by their flags in error messages.
   flags = {f.name: "--" + f.name.replace("_", "-") for f in fields(Config) if f.name in given}
   try:
     config.validate(flags=flags)
@@ -221,18 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jaxbn.reproduce.figures import write_figures
   from jaxbn.reproduce.run import reproduce
 
-  start = time.perf_counter()
   results = reproduce(config)
-  ds = results["dataset"]
-  # The table first: it is the result, and should show even if writing files fails.
-  print(
-    f"\n{ds['name']}: {ds['train']} training and {ds['test']} test images of shape "
-    f"{tuple(ds['image_shape'])}; mini-batch {config.batch_size}; seeds {list(config.seeds)}"
-  )
-  print(format_table(results), flush=True)
-  paths = [write_results(results, args.out), *write_figures(results, args.out)]
+  # The report first: it is the result, and should show even if writing files fails.
+  report = format_report(results)
+  print(f"\n{report}", flush=True)
+  paths = [write_results(results, args.out), write_report(report, args.out)]
+  paths += write_figures(results, args.out)
   print(f"\nwrote {', '.join(paths)}")
-  print(f"done in {time.perf_counter() - start:.0f} s")
   return 0
 
 

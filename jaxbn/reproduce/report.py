@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from typing import Any
 
 import numpy as np
+
+from jaxbn.reproduce.config import Config
 
 
 def _clean(a: Any) -> Any:
@@ -26,10 +29,13 @@ def summarize(results: dict) -> list[dict]:
   """One row per network and learning rate, over seeds.
 
   Each row has ``network``, ``lr``, ``runs``, ``diverged`` (how many),
-  ``accuracy`` and ``accuracy_std`` (final test accuracy with running
-  averages; diverged runs count as their chance-level accuracy),
-  ``reached_target`` (how many runs), ``steps_to_target`` (median over the
-  runs that reached it, or None) and ``accuracy_population`` (mean, with
+  ``accuracy`` and ``accuracy_std`` (mean and standard deviation over seeds
+  of each run's final test accuracy with running averages, itself the mean
+  of the run's last evaluations; a diverged run counts with the accuracy it
+  evaluated to), ``reached_target`` (how many runs), ``steps_to_target``
+  (median over seeds of the first evaluation step at the target, a run that
+  never reaches it counting as infinitely slow; None when that median is)
+  and ``accuracy_population``, ``population_std`` (likewise with
   whole-training-set statistics; None without batch norm).
 
   Examples:
@@ -38,32 +44,42 @@ def summarize(results: dict) -> list[dict]:
     ...   "lr": 0.5, "seed": seed, "diverged": False, "accuracy_running_average": acc,
     ...   "steps_to_target": hit, "accuracy_population": acc}
     >>> net = {"name": "mlp-sigmoid-BN", "use_bn": True,
-    ...        "runs": [run(0, 0.9, 100), run(1, 0.8, None)]}
+    ...        "runs": [run(0, 0.9, 100), run(1, 0.8, None), run(2, 0.85, 300)]}
     >>> row, = summarize({"networks": [net]})
     >>> row["accuracy"], row["accuracy_std"], row["reached_target"], row["steps_to_target"]
-    (0.85, 0.05, 1, 100)
+    (0.85, 0.0408, 2, 300)
   """
   rows = []
   for net in results["networks"]:
     for lr in dict.fromkeys(r["lr"] for r in net["runs"]):
       runs = [r for r in net["runs"] if r["lr"] == lr]
       final = np.array([_nan(r["accuracy_running_average"]) for r in runs])
-      steps = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
-      pop = [_nan(r["accuracy_population"]) for r in runs]
+      steps = [math.inf if r["steps_to_target"] is None else r["steps_to_target"] for r in runs]
+      median = float(np.median(steps))
+      pop = np.array([_nan(r["accuracy_population"]) for r in runs])
       rows.append(
         {
           "network": net["name"],
           "lr": lr,
           "runs": len(runs),
           "diverged": sum(r["diverged"] for r in runs),
-          "accuracy": _clean(np.nanmean(final)) if np.isfinite(final).any() else None,
-          "accuracy_std": _clean(np.nanstd(final)) if np.isfinite(final).any() else None,
-          "reached_target": len(steps),
-          "steps_to_target": int(np.median(steps)) if steps else None,
-          "accuracy_population": _clean(np.nanmean(pop)) if net["use_bn"] else None,
+          "accuracy": _mean(final),
+          "accuracy_std": _std(final),
+          "reached_target": sum(s < math.inf for s in steps),
+          "steps_to_target": int(median) if median < math.inf else None,
+          "accuracy_population": _mean(pop) if net["use_bn"] else None,
+          "population_std": _std(pop) if net["use_bn"] else None,
         }
       )
   return rows
+
+
+def _mean(a: np.ndarray) -> float | None:
+  return _clean(np.nanmean(a)) if np.isfinite(a).any() else None
+
+
+def _std(a: np.ndarray) -> float | None:
+  return _clean(np.nanstd(a)) if np.isfinite(a).any() else None
 
 
 def format_table(results: dict) -> str:
@@ -80,11 +96,99 @@ def format_table(results: dict) -> str:
       continue
     base = name[: -len("-plain")]
     bn = rows.get((base + "-BN", lr))
+    pop = "-" if bn is None else _mean_std(bn["accuracy_population"], bn["population_std"])
     lines.append(
-      f"| {base} | {lr:g} | {_acc(plain)} | {_acc(bn)} | {_steps(plain)} | {_steps(bn)} | "
-      f"{_fmt(bn and bn['accuracy_population'])} |"
+      f"| {base} | {lr:g} | {_acc(plain)} | {_acc(bn)} | {_steps(plain)} | {_steps(bn)} | {pop} |"
     )
   return "\n".join(lines)
+
+
+def run_kind(config: dict) -> str:
+  """``'jaxbn reproduce'``, ``'jaxbn reproduce --quick'``, or ``'a custom configuration'``.
+
+  What ran, judged by the configuration (paths and progress bars aside).
+  """
+  ignore = {"progress", "data", "dataset", "fig1_lr"}
+  given = {k: v for k, v in config.items() if k not in ignore}
+  for preset, command in (
+    (Config(), "jaxbn reproduce"),
+    (Config.quick(), "jaxbn reproduce --quick"),
+  ):
+    expected = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ignore}
+    if json.loads(json.dumps(expected)) == json.loads(json.dumps(given)):
+      return command
+  return "a custom configuration"
+
+
+def format_machine(machine: dict) -> str:
+  """One line: CPU, cores, devices, Python and package versions, wall time."""
+  packages = ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
+  line = (
+    f"{machine['cpu']}, {machine['cores']} cores, JAX on {machine['devices']}; Python "
+    f"{machine['python']}, {packages}"
+  )
+  if machine.get("wall_time_s") is not None:
+    line += f"; the runs took {machine['wall_time_s']:.0f} s"
+  return line
+
+
+def format_claims(results: dict) -> str:
+  """The claims as a Markdown list: verdict, claim, evidence."""
+  lines = []
+  for i, claim in enumerate(results["claims"], 1):
+    verdict = "holds" if claim["holds"] else "DOES NOT HOLD"
+    lines.append(f"{i}. **{verdict}**: {claim['name']}. *Evidence:* {claim['evidence']}")
+  return "\n".join(lines)
+
+
+def format_report(results: dict) -> str:
+  """The Markdown report of a run: what ran and where, the table, the claims.
+
+  ``jaxbn reproduce`` prints it and writes it to ``report.md``; README's
+  results section is this text for the default run, unedited. It reads only
+  ``config``, ``dataset``, ``summary``, ``claims`` and ``machine``.
+  """
+  config, ds = results["config"], results["dataset"]
+  kind = run_kind(config)
+  names = list(dict.fromkeys(r["network"] for r in results["summary"]))
+  networks = list(dict.fromkeys(network_title(n) for n in names))
+  budget = f"{config['steps']} steps"
+  if "CNN" in networks:
+    cnn_steps = config["cnn_steps"] or config["steps"]
+    if cnn_steps != config["steps"]:
+      budget += f" ({cnn_steps} for the CNN)"
+  what = f"`{kind}`" if kind != "a custom configuration" else "a custom run"
+  lines = [
+    f"Output of {what} on {format_machine(results['machine'])}.",
+    "",
+    f"{ds['name']}: {ds['train']} training and {ds['test']} test images; "
+    f"{', '.join(networks)}; {len(config['seeds'])} seeds, {budget} of SGD on mini-batches "
+    f"of {config['batch_size']}, evaluated every {config['eval_every']} steps. Accuracy: mean "
+    f"± std over seeds of each run's mean over its last {config['final_evals']} evaluations; "
+    f"steps to {config['target']:.0%}: median over seeds (a run that never gets there counts "
+    'as never; "3/5 runs" says how many did).',
+  ]
+  if kind.endswith("--quick"):
+    lines += [
+      "",
+      f"A quick run: {config['steps']} steps instead of {Config().steps}, the MLPs only (no "
+      "CNN), evaluations twice as often. Accuracies are lower than the full run's, plain "
+      "networks that need more steps to leave their initial plateau count as failing, and "
+      "the running averages (momentum 0.99) have had less time to settle; the claims are the "
+      "same.",
+    ]
+  lines += ["", format_table(results), "", "Claims, computed from this run's data:", ""]
+  lines.append(format_claims(results))
+  return "\n".join(lines)
+
+
+_TITLES = {"mlp-sigmoid": "sigmoid MLP", "mlp-relu": "ReLU MLP", "mlp-tanh": "tanh MLP"}
+
+
+def network_title(name: str) -> str:
+  """``'mlp-sigmoid-BN'`` -> ``'sigmoid MLP'``; any CNN -> ``'CNN'``."""
+  base = name.rsplit("-", 1)[0]
+  return "CNN" if base.startswith("cnn") else _TITLES.get(base, base)
 
 
 def _fmt(v: float | None) -> str:
@@ -94,18 +198,23 @@ def _fmt(v: float | None) -> str:
 def _acc(row: dict | None) -> str:
   if row is None:
     return "-"
-  text = f"{_fmt(row['accuracy'])} ± {_fmt(row['accuracy_std'])}"
+  text = _mean_std(row["accuracy"], row["accuracy_std"])
   if row["diverged"]:
     text += f" ({row['diverged']}/{row['runs']} diverged)"
   return text
 
 
+def _mean_std(mean: float | None, std: float | None) -> str:
+  return "-" if mean is None else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
 def _steps(row: dict | None) -> str:
-  if row is None or row["steps_to_target"] is None:
-    return "never" if row is not None else "-"
-  if row["reached_target"] < row["runs"]:
-    return f"{row['steps_to_target']} ({row['reached_target']}/{row['runs']} runs)"
-  return str(row["steps_to_target"])
+  if row is None:
+    return "-"
+  text = "never" if row["steps_to_target"] is None else str(row["steps_to_target"])
+  if 0 < row["reached_target"] < row["runs"]:
+    text += f" ({row['reached_target']}/{row['runs']} runs)"
+  return text
 
 
 def write_results(results: dict, out: str | os.PathLike) -> str:
@@ -115,3 +224,49 @@ def write_results(results: dict, out: str | os.PathLike) -> str:
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
   return path
+
+
+def write_report(report: str, out: str | os.PathLike) -> str:
+  """Writes the Markdown ``report`` to ``out/report.md`` (``out`` created); returns its path."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "report.md")
+  with open(path, "w") as f:
+    f.write(report + "\n")
+  return path
+
+
+def machine() -> dict:
+  """Where a run ran: CPU model, cores, JAX's devices, OS, Python and package versions."""
+  import importlib.metadata
+  import platform
+
+  import jax
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(
+        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+      )
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  import jaxbn
+
+  packages = {"jaxbn": jaxbn.__version__}  # an editable install's metadata may be stale
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      packages[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      packages[name] = None
+  device = jax.devices()[0]
+  return {
+    "cpu": cpu,
+    "cores": cores,
+    "devices": "CPU"
+    if device.platform == "cpu"
+    else f"{len(jax.devices())} x {device.device_kind}",
+    "os": platform.platform(),
+    "python": platform.python_version(),
+    "packages": packages,
+  }

@@ -9,6 +9,7 @@ over steps; the CNN runs one compiled program run by run). The models are
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -22,10 +23,12 @@ from jaxbn import engine
 from jaxbn import models
 from jaxbn.core import BNOptions
 from jaxbn.population import population_stats
+from jaxbn.reproduce.claims import check_claims
 from jaxbn.reproduce.config import PERCENTILES
 from jaxbn.reproduce.config import Config
 from jaxbn.reproduce.config import load_data
 from jaxbn.reproduce.report import _clean
+from jaxbn.reproduce.report import machine
 from jaxbn.reproduce.report import summarize
 
 
@@ -86,6 +89,37 @@ def _cnn_net(image_shape: tuple[int, ...], features: tuple[int, ...], use_bn: bo
   return _Net(f"cnn-relu-{'BN' if use_bn else 'plain'}", init, apply, use_bn, vectorize=False)
 
 
+def _population_evaluator(net: _Net, ds: data_lib.Dataset, evaluate_all: Callable) -> Callable:
+  """``f(params, state)``: each run's test accuracy with whole-training-set statistics.
+
+  The statistics are :func:`jaxbn.population_stats` (exact, Algorithm 2) over
+  the whole training set as one batch, for every run at once: the training
+  forward is vmapped over runs with the data shared, and the step counter is
+  common to all runs.
+  """
+
+  def forward(params, state, x, **bn_kwargs):
+    apply = lambda p, s: net.apply(p, s, x, train=True, **bn_kwargs)[:2]
+    axes = tuple(s._replace(mean=0, var=0, count=0, step=None) for s in state)
+    return jax.vmap(apply, in_axes=(0, axes), out_axes=(0, axes))(params, state)
+
+  x_tr = jnp.asarray(ds.x_train)
+
+  def population_accuracy(params, state):
+    common = tuple(s._replace(step=s.step[0]) for s in state)
+    pop = population_stats(forward, params, common, [x_tr], total=1)
+    runs = len(state[0].step)
+    pop = tuple(s._replace(step=jnp.broadcast_to(s.step, (runs,))) for s in pop)
+    return np.asarray(evaluate_all(params, pop)[0])
+
+  return population_accuracy
+
+
+def _first_crossing(acc: np.ndarray, eval_steps: Sequence[int], target: float) -> int | None:
+  hit = np.nonzero(acc >= target)[0]
+  return int(eval_steps[hit[0]]) if hit.size else None
+
+
 def _train_net(
   net: _Net,
   ds: data_lib.Dataset,
@@ -96,6 +130,7 @@ def _train_net(
   eval_every: int,
   batch_size: int,
   target: float,
+  final_evals: int,
   progress: bool,
 ) -> dict:
   """Trains every (learning rate, seed) run of ``net``; returns its record."""
@@ -107,6 +142,13 @@ def _train_net(
   def evaluate(params, state):
     logits, _, probe = net.apply(params, state, x_te, train=False)
     return engine.accuracy(logits, y_te), jnp.percentile(probe, q)
+
+  population = []  # per evaluation: (runs,) accuracies with whole-training-set statistics
+  callback = None
+  if net.use_bn:
+    evaluate_all = engine.over_runs(evaluate, vectorize=net.vectorize)
+    population_accuracy = _population_evaluator(net, ds, evaluate_all)
+    callback = lambda step, params, state: population.append(population_accuracy(params, state))
 
   params, state = engine.init_runs(net.init, run_seeds, vectorize=net.vectorize)
   trained = engine.train(
@@ -121,35 +163,19 @@ def _train_net(
     seed=run_seeds,
     eval_fn=evaluate,
     eval_every=eval_every,
+    callback=callback,
     vectorize=net.vectorize,
     progress=progress,
     desc=net.name,
   )
-  params, state = trained.params, trained.state
   accs, pcts = trained.evals  # (runs, evals), (runs, evals, 3)
   eval_steps = trained.eval_steps
-
-  population = None
-  if net.use_bn:
-    # Whole-training-set statistics (Algorithm 2), for every run at once: the
-    # forward is vmapped over runs, the data shared; step is common to all runs.
-    def forward(params, state, x, **bn_kwargs):
-      apply = lambda p, s: net.apply(p, s, x, train=True, **bn_kwargs)[:2]
-      axes = tuple(s._replace(mean=0, var=0, count=0, step=None) for s in state)
-      return jax.vmap(apply, in_axes=(0, axes), out_axes=(0, axes))(params, state)
-
-    common = tuple(s._replace(step=s.step[0]) for s in state)
-    x_tr = jnp.asarray(ds.x_train)
-    n_batches = len(ds.x_train) // batch_size
-    batches = (x_tr[i * batch_size : (i + 1) * batch_size] for i in range(n_batches))
-    pop_state = population_stats(forward, params, common, batches, total=n_batches)
-    pop_state = tuple(s._replace(step=jnp.broadcast_to(s.step, (len(runs),))) for s in pop_state)
-    evaluate_all = engine.over_runs(evaluate, vectorize=net.vectorize)
-    population = np.asarray(evaluate_all(params, pop_state)[0])
+  pop = np.stack(population, axis=1) if population else None  # (runs, evals)
+  # The final accuracy: the mean of the last evaluations, never that of step 0.
+  last = slice(-min(final_evals, max(1, len(eval_steps) - 1)), None)
 
   run_records = []
   for i, (r, s) in enumerate(runs):
-    hit = np.nonzero(accs[i] >= target)[0]
     run_records.append(
       {
         "lr": r,
@@ -157,9 +183,10 @@ def _train_net(
         "diverged": not bool(trained.finite[i]),
         "test_accuracy": _clean(accs[i]),
         "percentiles": _clean(pcts[i]),
-        "steps_to_target": int(eval_steps[hit[0]]) if hit.size else None,
-        "accuracy_running_average": _clean(accs[i, -1]),
-        "accuracy_population": None if population is None else _clean(population[i]),
+        "population_accuracy": None if pop is None else _clean(pop[i]),
+        "steps_to_target": _first_crossing(accs[i], eval_steps, target),
+        "accuracy_running_average": _clean(np.mean(accs[i, last])),
+        "accuracy_population": None if pop is None else _clean(np.mean(pop[i, last])),
       }
     )
   return {"name": net.name, "use_bn": net.use_bn, "eval_steps": eval_steps, "runs": run_records}
@@ -179,6 +206,7 @@ def reproduce(config: Config) -> dict:
     ``accuracy_population``); ``summary`` is one row per network and rate,
     averaged over seeds (see :func:`jaxbn.reproduce.summarize`).
   """
+  start = time.perf_counter()
   config.validate()
   if config.fig1_lr is None:
     config = dataclasses.replace(config, fig1_lr=2.0 if 2.0 in config.lrs else max(config.lrs))
@@ -187,6 +215,7 @@ def reproduce(config: Config) -> dict:
     eval_every=config.eval_every,
     batch_size=config.batch_size,
     target=config.target,
+    final_evals=config.final_evals,
     progress=config.progress,
   )
   networks = []
@@ -215,4 +244,7 @@ def reproduce(config: Config) -> dict:
     "networks": networks,
   }
   results["summary"] = summarize(results)
+  results["claims"] = check_claims(results)
+  results["machine"] = machine()
+  results["machine"]["wall_time_s"] = round(time.perf_counter() - start, 1)
   return results
