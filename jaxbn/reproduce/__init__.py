@@ -5,25 +5,29 @@ hidden layers of 100 sigmoid units, a softmax output, mini-batches of 60,
 plain SGD, weights from ``N(0, init_std)``) with and without batch norm, over
 several seeds and learning rates, plus ReLU networks (where high rates make
 the plain network diverge) and a small CNN with and without batch norm. For
-every run it records:
+every run it records, at every evaluation:
 
-* the test accuracy every ``eval_every`` steps (Fig. 1(a)), with the running
-  averages at inference, and the first step that reaches ``target``;
+* the test accuracy with the running averages at inference (Fig. 1(a)), and
+  with statistics over the whole training set (:func:`jaxbn.population_stats`,
+  Algorithm 2);
 * the 15th, 50th and 85th percentiles over the test set of the input to one
-  sigmoid of the last hidden layer (Fig. 1(b, c));
-* the final test accuracy with the running averages and with statistics over
-  the whole training set (:func:`jaxbn.population_stats`, Algorithm 2).
+  unit of the last hidden layer (a sigmoid in the paper's network, Fig. 1(b, c)).
+
+It then summarizes over seeds (:func:`summarize`) and checks four of the
+paper's claims on the run's own data (:func:`check_claims`, each with its
+evidence and whether it holds), and records the machine.
 
 The parts: :class:`Config` and :func:`load_data` (:mod:`~jaxbn.reproduce.config`);
-:func:`reproduce`, the runs on :mod:`jaxbn.engine`
-(:mod:`~jaxbn.reproduce.run`); :func:`summarize`, :func:`format_table` and
-:func:`write_results` (:mod:`~jaxbn.reproduce.report`); :func:`write_figures`
+:func:`reproduce`, the runs on :mod:`jaxbn.engine` (:mod:`~jaxbn.reproduce.run`);
+:func:`check_claims` (:mod:`~jaxbn.reproduce.claims`); :func:`summarize`,
+:func:`format_report`, :func:`format_table` and :func:`write_results`
+(:mod:`~jaxbn.reproduce.report`); :func:`write_figures`
 (:mod:`~jaxbn.reproduce.figures`, the only one that imports matplotlib).
 ``jaxbn reproduce`` (:mod:`jaxbn.cli`) chains them.
 :mod:`~jaxbn.reproduce.small_batches` holds the design of the companion
 small-batch study (``benchmarks/small_batches.py``). Importing this package
-loads only the configuration and the report; the training and the figures,
-with optax, flax and matplotlib, load on first use.
+loads only the configuration, the claims and the report; the training and
+the figures, with optax, flax and matplotlib, load on first use.
 
 References:
   Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167,
@@ -35,9 +39,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from jaxbn.reproduce.claims import check_claims
 from jaxbn.reproduce.config import PERCENTILES
 from jaxbn.reproduce.config import Config
 from jaxbn.reproduce.config import load_data
+from jaxbn.reproduce.report import format_report
 from jaxbn.reproduce.report import format_table
 from jaxbn.reproduce.report import summarize
 from jaxbn.reproduce.report import write_results
@@ -61,6 +67,8 @@ def __dir__() -> list[str]:
 __all__ = (
   "PERCENTILES",
   "Config",
+  "check_claims",
+  "format_report",
   "format_table",
   "load_data",
   "reproduce",

@@ -145,7 +145,13 @@ def higher_rates(results: dict) -> dict:
 
 
 def drift(run: dict) -> float:
-  """The drift of one run's watched sigmoid input (see the module's definitions)."""
+  """The drift of one run's watched sigmoid input (see the module's definitions).
+
+  Examples:
+    >>> from jaxbn.reproduce.claims import drift
+    >>> drift({"percentiles": [[-1, 0, 1], [-3, 0, 2], [-2, 1, 1]]})  # ranges 2, 1, 1
+    1.333...
+  """
   pct = np.array(run["percentiles"], float)  # None (a non-finite value) becomes NaN
   if not np.isfinite(pct).all():
     return math.nan

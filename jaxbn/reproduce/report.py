@@ -107,6 +107,15 @@ def run_kind(config: dict) -> str:
   """``'jaxbn reproduce'``, ``'jaxbn reproduce --quick'``, or ``'a custom configuration'``.
 
   What ran, judged by the configuration (paths and progress bars aside).
+
+  Examples:
+    >>> import dataclasses
+    >>> from jaxbn.reproduce import Config
+    >>> from jaxbn.reproduce.report import run_kind
+    >>> run_kind(dataclasses.asdict(Config.quick(progress=True)))
+    'jaxbn reproduce --quick'
+    >>> run_kind(dataclasses.asdict(Config(seeds=(0,))))
+    'a custom configuration'
   """
   ignore = {"progress", "data", "dataset", "fig1_lr"}
   given = {k: v for k, v in config.items() if k not in ignore}

@@ -3,7 +3,10 @@
 All runs of one network (every seed and learning rate) train at once with
 :func:`jaxbn.engine.train` (``jax.vmap`` over runs of a jitted ``jax.lax.scan``
 over steps; the CNN runs one compiled program run by run). The models are
-:func:`jaxbn.models.apply_mlp` and :func:`jaxbn.models.apply_cnn`.
+:func:`jaxbn.models.apply_mlp` and :func:`jaxbn.models.apply_cnn`. At every
+evaluation, the engine's callback also recomputes each run's statistics over
+the whole training set (:func:`jaxbn.population_stats`) and evaluates with
+them.
 """
 
 from __future__ import annotations
@@ -199,12 +202,17 @@ def reproduce(config: Config) -> dict:
     config: a :class:`~jaxbn.reproduce.Config`.
 
   Returns:
-    ``{'config', 'dataset', 'networks', 'summary'}``: ``networks`` is a list of
-    one record per network (``name``, ``use_bn``, ``eval_steps`` and its
-    ``runs``, each with ``lr``, ``seed``, ``diverged``, ``test_accuracy``,
-    ``percentiles``, ``steps_to_target``, ``accuracy_running_average``,
-    ``accuracy_population``); ``summary`` is one row per network and rate,
-    averaged over seeds (see :func:`jaxbn.reproduce.summarize`).
+    ``{'config', 'dataset', 'networks', 'summary', 'claims', 'machine'}``:
+    ``networks`` is a list of one record per network (``name``, ``use_bn``,
+    ``eval_steps`` and its ``runs``, each with ``lr``, ``seed``,
+    ``diverged``, the curves ``test_accuracy``, ``population_accuracy`` (None
+    without batch norm) and ``percentiles``, ``steps_to_target``, and the
+    final ``accuracy_running_average`` and ``accuracy_population``, means
+    over the last ``config.final_evals`` evaluations); ``summary`` is one row
+    per network and rate over seeds (:func:`jaxbn.reproduce.summarize`);
+    ``claims`` the paper's claims checked on these data
+    (:func:`jaxbn.reproduce.check_claims`); ``machine`` where it ran and the
+    wall time of the runs (:func:`jaxbn.reproduce.report.machine`).
   """
   start = time.perf_counter()
   config.validate()
