@@ -181,7 +181,8 @@ def format_report(results: dict) -> str:
     lines += [
       "",
       f"A quick run: {config['steps']} steps instead of {Config().steps}, the MLPs only (no "
-      "CNN), evaluations twice as often. Accuracies are lower than the full run's, plain "
+      f"CNN), evaluations every {config['eval_every']} steps instead of {Config().eval_every}. "
+      "Accuracies are lower than the full run's, plain "
       "networks that need more steps to leave their initial plateau count as failing, and "
       "the running averages (momentum 0.99) have had less time to settle; the claims are the "
       "same.",
