@@ -155,6 +155,18 @@ class Config:
       raise ValueError(f"{name('init_std')} must be positive, got {self.init_std}.")
     return self
 
+  def resolved(self) -> Config:
+    """``self`` with ``fig1_lr`` chosen when None: 2.0 if it is one of ``lrs``, else the largest.
+
+    Examples:
+      >>> from jaxbn.reproduce import Config
+      >>> Config().resolved().fig1_lr, Config(lrs=(0.1, 0.5)).resolved().fig1_lr
+      (2.0, 0.5)
+    """
+    if self.fig1_lr is not None:
+      return self
+    return dataclasses.replace(self, fig1_lr=2.0 if 2.0 in self.lrs else max(self.lrs))
+
   @property
   def cnn_steps_(self) -> int:
     return self.cnn_steps if self.cnn_steps is not None else self.steps

@@ -106,7 +106,7 @@ def format_table(results: dict) -> str:
 def run_kind(config: dict) -> str:
   """``'jaxbn reproduce'``, ``'jaxbn reproduce --quick'``, or ``'a custom configuration'``.
 
-  What ran, judged by the configuration (paths and progress bars aside).
+  What ran, judged by the configuration (progress bars aside).
 
   Examples:
     >>> import dataclasses
@@ -117,14 +117,19 @@ def run_kind(config: dict) -> str:
     >>> run_kind(dataclasses.asdict(Config(seeds=(0,))))
     'a custom configuration'
   """
-  ignore = {"progress", "data", "dataset", "fig1_lr"}
-  given = {k: v for k, v in config.items() if k not in ignore}
+
+  def comparable(c: dict) -> dict:
+    c = {k: v for k, v in c.items() if k != "progress"}
+    if c["fig1_lr"] is None:  # a preset's; a record holds the one it resolved to
+      c["fig1_lr"] = Config(lrs=tuple(c["lrs"])).resolved().fig1_lr
+    return json.loads(json.dumps(c))  # tuples as lists, as in results.json
+
+  given = comparable(config)
   for preset, command in (
     (Config(), "jaxbn reproduce"),
     (Config.quick(), "jaxbn reproduce --quick"),
   ):
-    expected = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ignore}
-    if json.loads(json.dumps(expected)) == json.loads(json.dumps(given)):
+    if comparable(dataclasses.asdict(preset)) == given:
       return command
   return "a custom configuration"
 

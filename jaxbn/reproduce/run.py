@@ -216,8 +216,7 @@ def reproduce(config: Config) -> dict:
   """
   start = time.perf_counter()
   config.validate()
-  if config.fig1_lr is None:
-    config = dataclasses.replace(config, fig1_lr=2.0 if 2.0 in config.lrs else max(config.lrs))
+  config = config.resolved()
   ds, name = load_data(config)
   common = dict(
     eval_every=config.eval_every,
