@@ -89,21 +89,11 @@ def normalize(
   """
   if use_running_average:
     return bn_infer(params, state, x, epsilon=options.epsilon, axis=options.axis), None
-  kwargs = dict(
-    momentum=options.momentum,
-    epsilon=options.epsilon,
-    axis=options.axis,
-    axis_name=None if initializing else options.axis_name,
-    axis_index_groups=None if initializing else options.axis_index_groups,
-    mask=mask,
-    ghost_batch_size=options.ghost_batch_size,
-    renorm=options.renorm,
-    ema_warmup=options.ema_warmup,
-    running_var=options.running_var,
-  )
+  kwargs = options._asdict()
   if not initializing:
-    return bn_train(params, state, x, **kwargs)
+    return bn_train(params, state, x, mask=mask, **kwargs)
+  kwargs.update(axis_name=None, axis_index_groups=None)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", SingleValueWarning)
-    y, _ = bn_train(params, state, x, **kwargs)
+    y, _ = bn_train(params, state, x, mask=mask, **kwargs)
   return y, None

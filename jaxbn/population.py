@@ -109,7 +109,12 @@ def _check_forward(fn: str, probes, new_a, new_b) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(forward: Callable[..., Any], treedef: Any):
-  """The jitted per-batch functions, cached so repeated calls do not recompile."""
+  """The jitted per-batch functions, cached so repeated calls do not recompile.
+
+  Also returns the set of input signatures whose compiled forward has passed
+  :func:`_check_forward`: a compiled program does the same for any values of
+  a given shape, so the check runs once per signature, not on every call.
+  """
   fn = "population_stats"
 
   @jax.jit
@@ -131,7 +136,7 @@ def _compiled(forward: Callable[..., Any], treedef: Any):
     average = [numerics.batch_average_add(a, m) for a, m in zip(average, moms, strict=True)]
     return exact, average
 
-  return batch_states, accumulate
+  return batch_states, accumulate, set()
 
 
 def population_stats(
@@ -167,7 +172,8 @@ def population_stats(
   travel as explicit arguments, not as a global switch, because ``jax.jit``
   caches a trace: a function jitted before the switch was flipped would keep
   its exponential moving average without a word. On the first batch the
-  forward runs twice, from states with different variances; if the
+  forward runs twice (once per forward and shapes: later calls with the same
+  reuse the verdict), from states with different variances; if the
   statistics it returns depend on them (the options were ignored, e.g. a
   closure with a fixed ``momentum``), or a state was not updated exactly once
   (e.g. an inference forward calling :func:`jaxbn.bn_infer`), a
@@ -225,9 +231,9 @@ def population_stats(
   leaves, treedef = _flatten_states(fn, states)
 
   try:
-    batch_states, accumulate = _compiled(forward, treedef)
+    batch_states, accumulate, checked = _compiled(forward, treedef)
   except TypeError:  # an unhashable callable: compile for this call only
-    batch_states, accumulate = _compiled.__wrapped__(forward, treedef)
+    batch_states, accumulate, checked = _compiled.__wrapped__(forward, treedef)
 
   probes = [_probe(s, 1.0) for s in leaves]
   zero = [numerics.Moments(*(jnp.zeros_like(s.mean) for _ in range(3))) for s in leaves]
@@ -240,8 +246,12 @@ def population_stats(
   for x in batches:
     new = batch_states(params, probes, x)
     if seen == 0:
-      other = [_probe(s, 2.0) for s in leaves]
-      _check_forward(fn, probes, new, batch_states(params, other, x))
+      signature = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), (params, probes, x))
+      key = str(signature)  # shapes and dtypes; arrays' own hashes are not usable
+      if key not in checked:
+        other = [_probe(s, 2.0) for s in leaves]
+        _check_forward(fn, probes, new, batch_states(params, other, x))
+        checked.add(key)
     acc = accumulate(acc, new)
     seen += 1
   if seen == 0:

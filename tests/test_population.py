@@ -432,6 +432,32 @@ def test_repeated_calls_do_not_recompile_the_forward():
   assert len(traces) == 1
 
 
+def test_the_forward_is_checked_once_per_shape_and_a_bad_one_on_every_call(monkeypatch):
+  from jaxbn import population
+
+  checks = []
+  check = population._check_forward
+  monkeypatch.setattr(population, "_check_forward", lambda *a: checks.append(1) or check(*a))
+  params, states = _params()
+
+  def good(params, states, x, **bn_kwargs):
+    return forward(params, states, x, **bn_kwargs)
+
+  first = jaxbn.population_stats(good, params, states, _batches([8, 8]), progress=False)
+  again = jaxbn.population_stats(good, params, states, _batches([8, 8]), progress=False)
+  assert len(checks) == 1  # the compiled program passed already
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  jaxbn.population_stats(good, params, states, _batches([4, 8]), progress=False)
+  assert len(checks) == 2  # a new first-batch shape compiles a new program: checked again
+
+  def ignores_kwargs(params, states, x, **bn_kwargs):
+    return forward(params, states, x, momentum=0.9)
+
+  for _ in range(2):  # a failed check is not remembered
+    with pytest.raises(ValueError, match="momentum"):
+      jaxbn.population_stats(ignores_kwargs, params, states, _batches([8]), progress=False)
+
+
 def test_batches_sharded_over_a_mesh_under_jit():
   from jax.sharding import NamedSharding
 

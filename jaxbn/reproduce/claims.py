@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxbn.reproduce.report import _fmt
+
 # The paper's network (Sec. 4.1): claims 1 and 3 are about it.
 PAPER_NETWORK = "mlp-sigmoid"
 
@@ -86,10 +88,6 @@ def _says_steps(row: dict) -> str:
   return f"{s} steps" if s is not None else "never"
 
 
-def _acc(v: float | None) -> str:
-  return "-" if v is None else f"{v:.3f}"
-
-
 def _claim(name: str, holds: bool, evidence: list[str]) -> dict:
   return {"name": name, "holds": bool(holds), "evidence": "; ".join(evidence) + "."}
 
@@ -129,7 +127,7 @@ def higher_rates(results: dict) -> dict:
   for net, lr, p, b in _pairs(results):
     plain_trains, bn_trains = _steps(p) < math.inf, _steps(b) < math.inf
     text = (
-      f"{net} at lr {lr:g} (final accuracy plain {_acc(p['accuracy'])}, BN {_acc(b['accuracy'])})"
+      f"{net} at lr {lr:g} (final accuracy plain {_fmt(p['accuracy'])}, BN {_fmt(b['accuracy'])})"
     )
     if bn_trains and not plain_trains:
       rescued.append(text)
