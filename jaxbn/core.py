@@ -370,8 +370,12 @@ def _copies(tree: Any, k: int) -> list[Any]:
 def _train_kernel(cfg: _Config):
   """``kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax)``.
 
-  Returns ``(y, (count, delta, m2))``: the normalized output and the batch's
-  :class:`numerics.Shifted` moments (with ``shift`` given). It is a
+  Returns ``(y, (count, shift, delta, m2))``: the normalized output and the
+  batch's :class:`numerics.Shifted` moments, from ``shift`` (the running
+  mean) in one pass of independent sums and one collective, or from the
+  first pass's mean when ``shift`` proved far from it
+  (:func:`numerics.shifted_moments`; the returned ``shift`` is the one
+  used). It is a
   ``jax.custom_jvp`` whose tangent map is linear in the tangents, so JAX gets
   forward mode (jvp, jacfwd, linearize) directly and reverse mode by
   transposing it. With ``xhat = (x - mu) r``, sums over the valid values of
@@ -389,8 +393,9 @@ def _train_kernel(cfg: _Config):
   """
   red = cfg.reduction_axes
 
-  def sums(t):
-    s = jnp.sum(t, red, keepdims=True)
+  def sums(*ts):
+    """Independent sums over the batch; across devices, one collective for all."""
+    s = tuple(jnp.sum(t, red, keepdims=True) for t in ts)
     return s if cfg.axis_name is None else numerics.psum(s, cfg.axis_name, cfg.axis_index_groups)
 
   def affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax):
@@ -410,26 +415,26 @@ def _train_kernel(cfg: _Config):
   @jax.custom_jvp
   def kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax):
     dt = shift.dtype
-    s1 = jax.lax.optimization_barrier(shift)
     st = numerics.shifted_moments(
       x,
       red,
       mask=mask,
-      shift=s1,
+      shift=shift,
       axis_name=cfg.axis_name,
       axis_index_groups=cfg.axis_index_groups,
       dtype=dt,
+      floor=cfg.epsilon,
     )
     a, b, *_ = affine(scale, bias, *st, ref_mean, ref_var, rmax, dmax)
     # (x - shift) - delta, not x - mean: exact far from zero.
-    s2, delta2 = jax.lax.optimization_barrier((shift, st.delta))
+    s2, delta2 = jax.lax.optimization_barrier((st.shift, st.delta))
     y = ((x.astype(dt) - s2) - delta2) * a + b
-    return y.astype(x.dtype), (st.count, st.delta, st.m2)
+    return y.astype(x.dtype), tuple(st)
 
   def kernel_jvp(primals, tangents):
-    x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax = primals
+    x, scale, bias, mask, _, ref_mean, ref_var, rmax, dmax = primals
     x_dot, scale_dot, bias_dot = tangents[:3]  # the rest carry no gradient
-    y, (count, delta, m2) = kernel(*primals)
+    y, (count, shift, delta, m2) = kernel(*primals)
     dt = shift.dtype
     a, _, rstd, r, d = affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax)
     n = jnp.where(count > 0, count, 1)
@@ -453,14 +458,15 @@ def _train_kernel(cfg: _Config):
     if not _is_zero(x_dot):
       t = x_dot.astype(dt)
       if mask is None:
-        u1, u2 = sums(t), sums(xhat_p * t)
+        u1, u2 = sums(t, xhat_p * t)
       else:
-        u1, u2 = sums(jnp.where(mask, t, 0)), sums(jnp.where(mask, xhat_p * t, 0))
+        u1, u2 = sums(jnp.where(mask, t, 0), jnp.where(mask, xhat_p * t, 0))
       v, w = v - k * u2, w - k * u1
       y_dot = a * t
       delta_dot, m2_dot = u1 / n, 2 * u2 / rstd
     y_dot = (y_dot + xhat_q * v + w).astype(y.dtype)
-    return (y, (count, delta, m2)), (y_dot, (jnp.zeros_like(count), delta_dot, m2_dot))
+    stats_dot = (jnp.zeros_like(count), jnp.zeros_like(shift), delta_dot, m2_dot)
+    return (y, (count, shift, delta, m2)), (y_dot, stats_dot)
 
   kernel.defjvp(kernel_jvp, symbolic_zeros=True)
   return kernel
@@ -705,16 +711,12 @@ def bn_train(
     rmax = dmax = jnp.zeros((), cdt)
   groups = None if axis_index_groups is None else tuple(tuple(g) for g in axis_index_groups)
   axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-  shift = numerics.reference_value(
-    x.astype(cdt),
-    lay.reduction_axes,
-    mask=mask,
-    fallback=ref_mean.astype(cdt),
-    axis_name=axis_name,
-    axis_index_groups=groups,
-  )
+  # The shift reference: the running mean, which every device holds (no
+  # slice of x, so no collective and no sharding of its own); far from the
+  # batch's mean, the kernel refines it (numerics.shifted_moments).
+  shift = jax.lax.stop_gradient(ref_mean.astype(cdt))
   cfg = _Config(lay.reduction_axes, axis_name, groups, float(epsilon), renorm is not None)
-  y, (count, delta, m2) = _train_kernel(cfg)(
+  y, (count, shift, delta, m2) = _train_kernel(cfg)(
     x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax
   )
 
@@ -728,7 +730,21 @@ def bn_train(
     batch = numerics.merge_stacked(batch, 0)
   else:
     batch = numerics.Moments(*(t[0] for t in batch))
+  batch = jax.tree.map(lambda t: _sharded_like(t, state.mean), batch)
   return y, _update_state(state, batch, momentum, ema_warmup, running_var)
+
+
+def _sharded_like(t: Array, ref: Array) -> Array:
+  """``t`` with ``ref``'s sharding where shardings are explicit (in the types).
+
+  The batch's statistics are sharded like ``x``'s feature axes; the running
+  statistics keep the state's own sharding (replicated by ``bn_init``), as in
+  flax. Without an explicit mesh this is ``t`` itself.
+  """
+  have, want = jax.typeof(t).sharding, jax.typeof(ref).sharding
+  if want.mesh.empty or have.spec == want.spec:
+    return t
+  return jax.sharding.reshard(t, want.spec)
 
 
 def _split_ghost(fn: str, x: Array, w: Array | None, lay: _Layout, size: int):

@@ -14,19 +14,25 @@ of squared deviations from ``mean``. Triples merge exactly with Chan's formula
 Numerical decisions, each deliberate:
 
 * Reductions run in at least float32, whatever the input dtype.
-* The variance is two-pass (mean first, then squared deviations from it), never
-  ``E[x^2] - E[x]^2``, which cancels catastrophically far from zero.
+* The variance is never ``E[x^2] - E[x]^2`` of the raw values, which cancels
+  catastrophically far from zero. The sums are taken of values shifted by a
+  per-feature reference near the data (``S1 = sum(x - K)``,
+  ``S2 = sum((x - K)^2)``, one pass of independent reductions,
+  :func:`shifted_sums`); when the reference proves far from the mean, a
+  second pass from that mean (:func:`shifted_moments`) keeps the result exact
+  to float32 rounding.
 * A count of zero is safe: its mean and variance are 0 and it merges as a
   no-op; nothing divides by zero.
-* Across devices (:func:`batch_moments` with ``axis_name``), counts and sums
-  are summed first, then squared deviations from that global mean: the
-  two-pass algorithm over the whole batch, so unequal or masked shards give
-  the statistics of the whole batch (an equal-weight mean of per-shard means
-  does not).
+* Across devices (:func:`batch_moments` with ``axis_name``), the count and
+  both sums cross devices in one collective, and the reference is the same on
+  every device (a value all of them hold, never a slice of one device's
+  data): the statistics of the whole batch, so unequal or masked shards are
+  weighed by their counts (an equal-weight mean of per-shard means is not).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -84,45 +90,92 @@ class Shifted(NamedTuple):
     return Moments(self.count, self.shift + self.delta, self.m2)
 
 
-def _first(x: Array, axes: Sequence[int]) -> Array:
-  """``x`` at index 0 along ``axes`` (kept with size 1)."""
-  return jax.lax.slice(
-    x, (0,) * x.ndim, tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-  )
+# A shift farther from the mean than ``sqrt(REFINE_RATIO)`` standard
+# deviations triggers a second pass (see :func:`shifted_moments`). The
+# one-pass variance's relative error is about ``eps * (1 + delta^2 / var)``
+# (``eps`` the float32 spacing, 1.2e-7), so at most ``33 eps`` (4e-6) in a
+# pass that is kept; the tests of exactness at a 1e6 offset hold with 16 to
+# 1024, and a smaller value refines more often for nothing.
+REFINE_RATIO = 32.0
 
 
-def reference_value(
+def shifted_sums(
   x: Array,
   axes: Sequence[int],
+  shift: Array,
   *,
   mask: Array | None = None,
-  fallback: Array | None = None,
   axis_name: Any = None,
   axis_index_groups: Any = None,
-) -> Array:
-  """A per-feature value near the data to shift by: the first valid element.
+  dtype: Any = None,
+) -> Shifted:
+  """One-pass moments of ``x`` over ``axes`` from values shifted by ``shift``.
 
-  The shifted-data algorithm (Chan, Golub & LeVeque 1983) sums ``x - K``
-  instead of ``x``; any ``K`` near the data keeps both passes exact to
-  rounding, so the first element along ``axes`` serves. Where it is masked out
-  or not finite, ``fallback`` (default 0) is used. Across devices the
-  elements of all devices are averaged, so that every device shifts by the
-  same value. The result carries no gradient.
+  With ``d = x - shift`` over the valid values, ``S1 = sum(d)``,
+  ``S2 = sum(d^2)`` and their count ``n`` (independent reductions of one
+  pass, and, with ``axis_name``, one collective for all three)::
+
+      delta = S1 / n,   m2 = max(S2 - S1 * delta, 0)
+
+  This is the shifted-data algorithm (Chan, Golub & LeVeque 1983): its
+  relative error in ``m2`` is about ``eps * (1 + delta^2 / var)``, exact to
+  rounding when ``shift`` is within a few standard deviations of the mean
+  (:func:`shifted_moments` refines it otherwise). Masked-out positions enter
+  no sum (selected away, not multiplied by 0: NaN or inf there stay out).
+
+  Args:
+    x: floating array.
+    axes: the axes to reduce.
+    shift: per-feature reference broadcastable against ``x`` (reduced axes of
+      size 1), the same on every device under ``axis_name``.
+    mask: optional array broadcastable to ``x``; nonzero entries count.
+    axis_name: optional named axis the values are split over.
+    axis_index_groups: optional subgroups of ``axis_name``.
+    dtype: the dtype to compute in (default ``stat_dtype(x.dtype)``).
+
+  Returns:
+    :class:`Shifted` with the reduced axes kept.
   """
   axes = tuple(axes)
-  k = _first(x, axes)
-  ok = jnp.isfinite(k)
-  if mask is not None:
-    valid = mask if mask.dtype == jnp.bool_ else mask != 0
-    ok = ok & _first(jnp.broadcast_to(valid, x.shape), axes)
-  other = jnp.zeros((), x.dtype) if fallback is None else fallback.astype(x.dtype)
-  if axis_name is None:
-    k = jnp.where(ok, k, other)
+  dtype = stat_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
+  keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+  shift = jnp.broadcast_to(jax.lax.stop_gradient(shift).astype(dtype), keep)
+  d = x.astype(dtype) - shift
+  if mask is None:
+    n = 1
+    for a in axes:
+      n *= x.shape[a]
+    count = jnp.full(keep, n, dtype)
+    s1 = jnp.sum(d, axes, keepdims=True)
+    s2 = jnp.sum(d * d, axes, keepdims=True)
   else:
-    okf = ok.astype(x.dtype)
-    total, n = psum((jnp.where(ok, k, 0), okf), axis_name, axis_index_groups)
-    k = jnp.where(n > 0, total / jnp.maximum(n, 1), other)
-  return jax.lax.stop_gradient(k)
+    valid = mask if mask.dtype == jnp.bool_ else mask != 0
+    count = jnp.sum(jnp.broadcast_to(valid, x.shape), axes, keepdims=True, dtype=dtype)
+    d = jnp.where(valid, d, 0)
+    s1 = jnp.sum(d, axes, keepdims=True)
+    s2 = jnp.sum(d * d, axes, keepdims=True)
+  if axis_name is not None:
+    # One collective: a constant count is not varying over the axis, and
+    # psum of it is a multiplication, not a transfer.
+    count, s1, s2 = psum((count, s1, s2), axis_name, axis_index_groups)
+  delta = s1 / jnp.where(count > 0, count, 1)
+  m2 = jnp.maximum(s2 - s1 * delta, 0)
+  return Shifted(count, shift, delta, m2)
+
+
+def needs_refinement(st: Shifted, floor: Any = 0.0) -> Array:
+  """Whether any feature's shift is too far from its mean for one pass.
+
+  True where ``delta^2 > REFINE_RATIO * (var + floor)`` for a finite
+  ``delta`` and ``m2`` (a non-finite batch is not made finite by a second
+  pass), reduced over every feature to one replicated scalar. ``floor`` is
+  the smallest variance that matters to the caller (batch norm's
+  ``epsilon``: the output depends on ``var + epsilon``), so that a constant
+  feature does not refine on every step.
+  """
+  var = variance(st.moments())
+  ok = jnp.isfinite(st.delta) & jnp.isfinite(st.m2)
+  return jnp.any(ok & (jnp.square(st.delta) > REFINE_RATIO * (var + floor)))
 
 
 def shifted_moments(
@@ -134,60 +187,66 @@ def shifted_moments(
   axis_name: Any = None,
   axis_index_groups: Any = None,
   dtype: Any = None,
+  floor: Any = 0.0,
 ) -> Shifted:
-  """Two-pass moments of ``x`` over ``axes`` from values shifted by ``shift``.
+  """Moments of ``x`` over ``axes``, one pass from ``shift``, two when it is far.
 
-  ``delta = sum(x - shift) / n`` first, then ``m2 = sum(((x - shift) - delta)^2)``.
-  Masked-out positions enter neither sum (they are selected away, not
-  multiplied by 0, so NaN or inf there stay out). With ``axis_name`` the
-  counts and sums are summed over devices before the next pass: the two-pass
-  algorithm on the whole batch.
+  :func:`shifted_sums` from ``shift`` (default 0); then, if any feature's
+  ``delta^2`` exceeds ``REFINE_RATIO * (var + floor)``, the sums again from
+  ``shift + delta`` (the first pass's mean, which derives from the valid
+  values alone and, after the collective, is the same on every device), in
+  a ``lax.cond`` whose predicate is the same on every device. A shift near
+  the data (the running mean of a trained layer, or 0 for data near zero)
+  costs one pass and one collective; a far shift (the first steps far from
+  zero, a jump in the data) costs a second of each. The result is exact to
+  float32 rounding whatever the shift (within ``sqrt(REFINE_RATIO)``
+  standard deviations of the mean after the second pass, unless the first
+  pass's mean is itself off by more than that: a shift so far away that
+  ``x - shift`` loses the data's spread).
 
   Args:
     x: floating array (computed in ``stat_dtype(x.dtype)``).
     axes: the axes to reduce.
     mask: optional array broadcastable to ``x``; nonzero entries count.
-    shift: per-feature shift broadcastable against ``x`` with the reduced
-      axes of size 1; default :func:`reference_value`.
+    shift: per-feature first reference broadcastable against ``x`` with the
+      reduced axes of size 1 (same on every device); default 0. Non-finite
+      entries are replaced by 0.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
     dtype: the dtype to compute in (default ``stat_dtype(x.dtype)``).
+    floor: variance below which a shift's distance does not matter (see
+      :func:`needs_refinement`).
 
   Returns:
-    :class:`Shifted` with the reduced axes kept.
+    :class:`Shifted` with the reduced axes kept; ``shift`` is the reference
+    the returned ``delta`` and ``m2`` were computed from.
   """
   axes = tuple(axes)
   dtype = stat_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
-  x = x.astype(dtype)
-  if shift is None:
-    shift = reference_value(
-      x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )
-  shift = shift.astype(dtype)
-  d = x - shift
-  keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-  if mask is None:
-    valid = None
-    n = 1
-    for a in axes:
-      n *= x.shape[a]
-    count = jnp.full(keep, n, dtype)
-    total = jnp.sum(d, axes, keepdims=True)
-  else:
-    valid = mask if mask.dtype == jnp.bool_ else mask != 0
-    count = jnp.sum(jnp.broadcast_to(valid, x.shape), axes, keepdims=True, dtype=dtype)
-    total = jnp.sum(jnp.where(valid, d, 0), axes, keepdims=True)
-  if axis_name is not None:
-    count, total = psum((count, total), axis_name, axis_index_groups)
-  delta = total / jnp.where(count > 0, count, 1)
-  # Copies of their own: XLA then recomputes x - shift inside this pass
-  # instead of storing it (or a broadcast of delta) from the first.
-  shift2, delta2 = jax.lax.optimization_barrier((shift, delta))
-  sq = jnp.square((x - shift2) - delta2)
-  m2 = jnp.sum(sq if valid is None else jnp.where(valid, sq, 0), axes, keepdims=True)
-  if axis_name is not None:
-    m2 = psum(m2, axis_name, axis_index_groups)
-  return Shifted(count, jnp.broadcast_to(shift, keep), delta, m2)
+  shift = jnp.zeros((), dtype) if shift is None else jax.lax.stop_gradient(shift).astype(dtype)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0)
+  run = functools.partial(
+    shifted_sums,
+    x,
+    axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    dtype=dtype,
+  )
+  st = run(shift)
+
+  # Both branches move the shift by a per-feature value of delta's type, so
+  # that their outputs agree in sharding (explicit sharding: the running mean
+  # is replicated, delta is sharded like the features) and in variance over
+  # devices (subgroups under shard_map).
+  def refine(st: Shifted) -> Shifted:
+    return run(st.shift + jnp.where(jnp.isfinite(st.delta), st.delta, 0))
+
+  def keep(st: Shifted) -> Shifted:
+    return st._replace(shift=st.shift + jnp.zeros_like(st.delta))
+
+  return jax.lax.cond(needs_refinement(st, floor), refine, keep, st)
 
 
 def batch_moments(
@@ -198,9 +257,9 @@ def batch_moments(
   axis_name: Any = None,
   axis_index_groups: Any = None,
 ) -> Moments:
-  """Two-pass moments of ``x`` over ``axes``, kept with size 1.
+  """Moments of ``x`` over ``axes``, kept with size 1.
 
-  :func:`shifted_moments` with its mean rounded once: exact to rounding far
+  :func:`shifted_moments` from 0 with its mean rounded once: exact to rounding far
   from zero, NaN-safe in masked-out positions; with ``axis_name`` the
   statistics of every shard together.
 
@@ -226,7 +285,7 @@ def moments(
   mask: Array | None = None,
   keepdims: bool = False,
 ) -> Moments:
-  """Two-pass moments of ``x`` over ``axes``, restricted to ``mask``.
+  """Exact moments of ``x`` over ``axes``, restricted to ``mask``.
 
   Args:
     x: floating array.
