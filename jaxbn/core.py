@@ -355,17 +355,6 @@ def _is_zero(t: Any) -> bool:
   return isinstance(t, SymbolicZero)
 
 
-def _copies(tree: Any, k: int) -> list[Any]:
-  """``k`` copies of small per-feature values that XLA may not merge.
-
-  XLA stores an elementwise expression of ``x`` that feeds several full-size
-  consumers instead of recomputing it in each; written from separate copies
-  of the per-feature values, each consumer computes its own from ``x`` in the
-  same pass, and no full-size intermediate is written.
-  """
-  return list(jax.lax.optimization_barrier((tree,) * k))
-
-
 @functools.lru_cache(maxsize=256)
 def _train_kernel(cfg: _Config):
   """``kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax)``.
@@ -426,8 +415,11 @@ def _train_kernel(cfg: _Config):
       floor=cfg.epsilon,
     )
     a, b, *_ = affine(scale, bias, *st, ref_mean, ref_var, rmax, dmax)
-    # (x - shift) - delta, not x - mean: exact far from zero.
-    s2, delta2 = jax.lax.optimization_barrier((st.shift, st.delta))
+    # (x - shift) - delta, not x - mean: exact far from zero. Per-feature
+    # values of their own, so that XLA broadcasts them inside the pass that
+    # writes y (a factor computed in a fusion of its own is otherwise
+    # broadcast to x's size and written to memory first).
+    s2, delta2, a, b = jax.lax.optimization_barrier((st.shift, st.delta, a, b))
     y = ((x.astype(dt) - s2) - delta2) * a + b
     return y.astype(x.dtype), tuple(st)
 
@@ -447,7 +439,7 @@ def _train_kernel(cfg: _Config):
 
     # xhat_p meets x_dot (u2; in the transpose, dx), xhat_q meets the output
     # (in the transpose, dscale): one copy for each full-size pass.
-    xhat_p, xhat_q = (xhat(*c) for c in _copies((shift, delta, rstd), 2))
+    xhat_p, xhat_q = (xhat(*c) for c in numerics.copies((shift, delta, rstd), 2))
     zero = jnp.zeros_like(delta)
     v = zero if _is_zero(scale_dot) else scale_dot.astype(dt) * (1 if r is None else r)
     w = zero if _is_zero(bias_dot) else bias_dot.astype(dt)

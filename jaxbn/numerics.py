@@ -90,6 +90,17 @@ class Shifted(NamedTuple):
     return Moments(self.count, self.shift + self.delta, self.m2)
 
 
+def copies(tree: Any, k: int) -> list[Any]:
+  """``k`` copies of small per-feature values that XLA may not merge.
+
+  XLA stores an elementwise expression of ``x`` that feeds several full-size
+  consumers instead of recomputing it in each; written from separate copies
+  of the per-feature values, each consumer computes its own from ``x`` in the
+  same pass, and no full-size intermediate is written.
+  """
+  return list(jax.lax.optimization_barrier((tree,) * k))
+
+
 # A shift farther from the mean than ``sqrt(REFINE_RATIO)`` standard
 # deviations triggers a second pass (see :func:`shifted_moments`). The
 # one-pass variance's relative error is about ``eps * (1 + delta^2 / var)``
@@ -140,24 +151,32 @@ def shifted_sums(
   dtype = stat_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
   keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
   shift = jnp.broadcast_to(jax.lax.stop_gradient(shift).astype(dtype), keep)
-  d = x.astype(dtype) - shift
-  if mask is None:
+  valid = None if mask is None else (mask if mask.dtype == jnp.bool_ else mask != 0)
+
+  def shifted(k):
+    d = x.astype(dtype) - k
+    return d if valid is None else jnp.where(valid, d, 0)
+
+  # Each sum computes x - shift from its own copy of the shift: XLA would
+  # otherwise write x - shift to memory once for both (a full-size pass).
+  d1, d2 = (shifted(k) for k in copies(shift, 2))
+  s1 = jnp.sum(d1, axes, keepdims=True)
+  s2 = jnp.sum(d2 * d2, axes, keepdims=True)
+  if valid is None:
     n = 1
     for a in axes:
       n *= x.shape[a]
     count = jnp.full(keep, n, dtype)
-    s1 = jnp.sum(d, axes, keepdims=True)
-    s2 = jnp.sum(d * d, axes, keepdims=True)
   else:
-    valid = mask if mask.dtype == jnp.bool_ else mask != 0
     count = jnp.sum(jnp.broadcast_to(valid, x.shape), axes, keepdims=True, dtype=dtype)
-    d = jnp.where(valid, d, 0)
-    s1 = jnp.sum(d, axes, keepdims=True)
-    s2 = jnp.sum(d * d, axes, keepdims=True)
   if axis_name is not None:
     # One collective: a constant count is not varying over the axis, and
     # psum of it is a multiplication, not a transfer.
     count, s1, s2 = psum((count, s1, s2), axis_name, axis_index_groups)
+  # Both sums complete before either is used: XLA would otherwise fuse the
+  # per-feature arithmetic below into one reduction's loop, which then waits
+  # for the other reduction instead of running beside it.
+  s1, s2 = jax.lax.optimization_barrier((s1, s2))
   delta = s1 / jnp.where(count > 0, count, 1)
   m2 = jnp.maximum(s2 - s1 * delta, 0)
   return Shifted(count, shift, delta, m2)
