@@ -13,6 +13,7 @@ output std on ``1e4 + N(0, 1)`` input (exactness far from zero).
 
 Usage:
   python benchmarks/bench_core.py [--reps 30] [--shapes small|all] [--reuse-memory]
+  python benchmarks/bench_core.py --bandwidth [--reps 30]
 
 ``--reuse-memory`` runs the same measurement with glibc told to keep freed
 memory (``MALLOC_MMAP_THRESHOLD_`` and friends), so that XLA's per-call
@@ -129,6 +130,51 @@ def bench(shape, reps: int) -> dict:
   }
 
 
+def bandwidth(shape, reps: int) -> dict:
+  """Effective bandwidth of the BN train step against a copy of the same size.
+
+  The step is ``(x, dy) -> (y, dx, dscale, dbias, new_state)`` under one
+  ``jax.jit`` (``jax.vjp`` of ``bn_train``, ``dy`` an argument): at least
+  ``x`` and ``dy`` read and ``y`` and ``dx`` written, 4 arrays of ``x``'s
+  size. The copy is ``jax.jit(lambda x: x + 0)`` (XLA writes a new buffer):
+  one read and one write. Effective bandwidth = those minimal bytes / median
+  time; the last column is its fraction of the copy's.
+  """
+  c = shape[-1]
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  dy = jax.random.normal(jax.random.key(2), shape)
+  params, state = jaxbn.bn_init(c)
+  module = nn.BatchNorm(use_running_average=False)
+  variables = module.init(jax.random.key(1), x[:2])
+
+  def ours(p, x, dy):
+    y, vjp, new = jax.vjp(lambda p, x: jaxbn.bn_train(p, state, x), p, x, has_aux=True)
+    return y, vjp(dy), new
+
+  def theirs(p, x, dy):
+    def f(p, x):
+      return module.apply({**variables, "params": p}, x, mutable=["batch_stats"])
+
+    y, vjp, new = jax.vjp(f, p, x, has_aux=True)
+    return y, vjp(dy), new
+
+  fns = {
+    "jaxbn": (jax.jit(ours), (params, x, dy)),
+    "flax": (jax.jit(theirs), (variables["params"], x, dy)),
+    "copy": (jax.jit(lambda x: x + 0), (x,)),
+  }
+  for fn, a in fns.values():
+    jax.block_until_ready(fn(*a))
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, (fn, a) in fns.items():
+      times[k].append(_time(fn, *a))
+  size = x.size * x.dtype.itemsize
+  med = {k: statistics.median(v) for k, v in times.items()}
+  gbs = {k: (2 if k == "copy" else 4) * size / med[k] / 1e9 for k in fns}
+  return {"shape": shape, "ms": {k: v * 1e3 for k, v in med.items()}, "gbs": gbs}
+
+
 def _mib(b):
   return "n/a" if b is None else f"{b / 2**20:.1f}"
 
@@ -138,6 +184,9 @@ def main():
   ap.add_argument("--reps", type=int, default=30)
   ap.add_argument("--shapes", choices=["small", "all"], default="all")
   ap.add_argument("--reuse-memory", action="store_true", help="glibc keeps freed memory")
+  ap.add_argument(
+    "--bandwidth", action="store_true", help="effective bandwidth against a copy instead"
+  )
   args = ap.parse_args()
   if args.reuse_memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     env = dict(
@@ -154,6 +203,20 @@ def main():
     f"({platform.machine()}, {os.cpu_count()} cores), median of {args.reps} interleaved runs"
     + (", glibc keeping freed memory" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "")
   )
+  if args.bandwidth:
+    print(
+      "| shape | MiB | copy x+0 (ms) | jaxbn step (ms) | flax step (ms) | copy GB/s | "
+      "jaxbn GB/s | flax GB/s | jaxbn / copy | flax / copy |\n" + "|---" * 10 + "|"
+    )
+    for s in shapes:
+      r = bandwidth(s, args.reps)
+      ms, g = r["ms"], r["gbs"]
+      print(
+        f"| {s} | {math.prod(s) * 4 / 2**20:.0f} | {ms['copy']:.2f} | {ms['jaxbn']:.2f} | "
+        f"{ms['flax']:.2f} | {g['copy']:.1f} | {g['jaxbn']:.1f} | {g['flax']:.1f} | "
+        f"{g['jaxbn'] / g['copy']:.2f} | {g['flax'] / g['copy']:.2f} |"
+      )
+    return
   rows = [bench(s, args.reps) for s in shapes]
   hdr = (
     "| shape | jaxbn train (ms) | flax train (ms) | jaxbn/flax | bn_infer (ms) | "

@@ -370,14 +370,16 @@ def _train_kernel(cfg: _Config):
   transposing it. With ``xhat = (x - mu) r``, sums over the valid values of
   the whole batch (all devices) and ``k = scale r / n``::
 
-      u1    = sum(x_dot),  u2 = sum(xhat x_dot)
+      u1    = sum(x_dot),  u2 = sum(xhat x_dot) = r (sum(e x_dot) - delta u1)
       y_dot = scale r x_dot + xhat (scale_dot - k u2) + (bias_dot - k u1)
 
-  Its transpose, for a cotangent ``dy``, is the analytic backward of the
-  paper: ``dbias = sum(dy)``, ``dscale = sum(dy xhat)``,
+  with ``e = x - shift`` (so ``xhat = (e - delta) r``). Its transpose, for a
+  cotangent ``dy``, is the analytic backward of the paper:
+  ``dbias = sum(dy)``, ``dscale = sum(dy xhat) = r (sum(dy e) - delta dbias)``,
   ``dx = scale r dy - k (dbias + xhat dscale)``. The per-feature factors
-  multiply before broadcasting, so the transpose has exactly these two
-  reductions and one elementwise pass. The rule computes its primal outputs
+  multiply before broadcasting, so the transpose has exactly two independent
+  reductions (``sum(dy)``, ``sum(dy e)``: one collective across devices) and
+  one elementwise pass. The rule computes its primal outputs
   by calling the kernel itself, so derivatives of every order work.
   """
   red = cfg.reduction_axes
@@ -432,14 +434,18 @@ def _train_kernel(cfg: _Config):
     n = jnp.where(count > 0, count, 1)
     k = a / n
 
-    def xhat(s, dl, rs):
-      xh = ((x.astype(dt) - s) - dl) * rs
+    def shifted(s):
+      e = x.astype(dt) - s
       # Masked-out positions may hold NaN or inf: kept out of every sum.
-      return xh if mask is None else jnp.where(jnp.isfinite(xh), xh, 0)
+      return e if mask is None else jnp.where(jnp.isfinite(e), e, 0)
 
-    # xhat_p meets x_dot (u2; in the transpose, dx), xhat_q meets the output
-    # (in the transpose, dscale): one copy for each full-size pass.
-    xhat_p, xhat_q = (xhat(*c) for c in numerics.copies((shift, delta, rstd), 2))
+    # The tangent map in terms of e = x - shift (xhat = (e - delta) rstd):
+    # sums of e times a full-size array are the cheapest reductions, and the
+    # guard of numerics.shifted_moments keeps |delta| within a few standard
+    # deviations, so `e2 - delta u1` cancels at most a few digits' worth.
+    # e_p meets x_dot (u2; in the transpose, dx), e_q meets the output (in
+    # the transpose, dscale): one copy for each full-size pass.
+    e_p, e_q = (shifted(c) for c in numerics.copies(shift, 2))
     zero = jnp.zeros_like(delta)
     v = zero if _is_zero(scale_dot) else scale_dot.astype(dt) * (1 if r is None else r)
     w = zero if _is_zero(bias_dot) else bias_dot.astype(dt)
@@ -450,13 +456,16 @@ def _train_kernel(cfg: _Config):
     if not _is_zero(x_dot):
       t = x_dot.astype(dt)
       if mask is None:
-        u1, u2 = sums(t, xhat_p * t)
+        u1, e2 = sums(t, e_p * t)
       else:
-        u1, u2 = sums(jnp.where(mask, t, 0), jnp.where(mask, xhat_p * t, 0))
+        u1, e2 = sums(jnp.where(mask, t, 0), jnp.where(mask, e_p * t, 0))
+      u2 = rstd * (e2 - delta * u1)  # sum(xhat x_dot)
       v, w = v - k * u2, w - k * u1
       y_dot = a * t
       delta_dot, m2_dot = u1 / n, 2 * u2 / rstd
-    y_dot = (y_dot + xhat_q * v + w).astype(y.dtype)
+    # xhat v + w = e (rstd v) + (w - delta rstd v)
+    rv = rstd * v
+    y_dot = (y_dot + e_q * rv + (w - delta * rv)).astype(y.dtype)
     stats_dot = (jnp.zeros_like(count), jnp.zeros_like(shift), delta_dot, m2_dot)
     return (y, (count, shift, delta, m2)), (y_dot, stats_dot)
 
