@@ -12,7 +12,8 @@ every position, ``m' = m * p * q``)::
 Everything here is a pure function of small immutable pytrees: ``params``
 (:class:`BNParams`, trained by gradient descent) and ``state``
 (:class:`BNState`, the running statistics, float32 whatever the input). The
-gradient of ``bn_train`` is analytic (``jax.custom_vjp``): with
+gradient of ``bn_train`` is analytic (a ``jax.custom_jvp`` whose tangent map
+JAX transposes for reverse mode): with
 ``N`` reduced elements and ``r = 1 / sqrt(var_B + epsilon)``::
 
     dbias  = sum dy
@@ -582,7 +583,7 @@ def bn_train(
 
   Per feature, over every other axis (Algorithm 1 of the paper)::
 
-      mu_B  = mean(x),   var_B = mean((x - mu_B)^2)        # biased, two-pass, float32
+      mu_B  = mean(x),   var_B = mean((x - mu_B)^2)        # biased, exact, float32
       y     = (x - mu_B) / sqrt(var_B + epsilon) * scale + bias
 
   and the running statistics move toward the batch's::
