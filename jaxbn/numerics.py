@@ -189,12 +189,17 @@ def needs_refinement(st: Shifted, floor: Any = 0.0) -> Array:
   ``delta`` and ``m2`` (a non-finite batch is not made finite by a second
   pass), reduced over every feature to one replicated scalar. ``floor`` is
   the smallest variance that matters to the caller (batch norm's
-  ``epsilon``: the output depends on ``var + epsilon``), so that a constant
-  feature does not refine on every step.
+  ``epsilon``: the output depends on ``var + epsilon``); to it is added the
+  square of 4 float spacings of the shift, a variance below the resolution of
+  the data themselves. So a constant feature does not refine on every step
+  when the shift sits a few spacings away from it (a running mean that
+  stalled next to the value), where one pass is exact anyway.
   """
   var = variance(st.moments())
+  resolution = 4 * jnp.finfo(st.shift.dtype).eps * jnp.abs(st.shift)
   ok = jnp.isfinite(st.delta) & jnp.isfinite(st.m2)
-  return jnp.any(ok & (jnp.square(st.delta) > REFINE_RATIO * (var + floor)))
+  limit = REFINE_RATIO * (var + floor + jnp.square(resolution))
+  return jnp.any(ok & (jnp.square(st.delta) > limit))
 
 
 def shifted_moments(

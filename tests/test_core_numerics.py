@@ -234,3 +234,50 @@ def test_state_of_the_wrong_dtype_is_rejected(dtype):
   for fn in (jaxbn.bn_train, jaxbn.bn_infer):
     with pytest.raises(TypeError, match="statistics dtype, float32"):
       fn(params, bad, jnp.ones((4, 2)))
+
+
+# ------------------------------------------------- shifted one-pass moments
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e6 - 3.0, -2e6])
+def test_shifted_moments_are_exact_from_any_shift(shift):
+  """One pass from a near shift; from a far one the guard's second pass."""
+  from jaxbn import numerics
+
+  x = 1e6 + jax.random.normal(jax.random.key(0), (512, 4)) * 0.5
+  mask = jax.random.bernoulli(jax.random.key(1), 0.8, x.shape).at[:8].set(False)
+  st = numerics.shifted_moments(x, (0,), mask=mask, shift=jnp.full((1, 4), shift))
+  m = st.moments()
+  xs = np.where(np.asarray(mask), np.asarray(x, np.float64), np.nan)
+  np.testing.assert_allclose(m.count[0], np.sum(np.asarray(mask), 0))
+  np.testing.assert_allclose(m.mean[0], np.nanmean(xs, 0), rtol=np.finfo(np.float32).eps)
+  np.testing.assert_allclose(numerics.variance(m)[0], np.nanvar(xs, 0), rtol=1e-5)
+
+
+def test_one_pass_error_grows_with_the_shift_distance_the_guard_bounds():
+  """The guard's threshold is where the one-pass variance starts losing digits."""
+  from jaxbn import numerics
+
+  x = jax.random.normal(jax.random.key(0), (4096, 1))
+  var = float(np.var(np.asarray(x, np.float64)))
+  for k, refines in ((0.1, False), (np.sqrt(numerics.REFINE_RATIO) * 1.5, True), (3e3, True)):
+    one = numerics.shifted_sums(x, (0,), jnp.full((1, 1), -k))
+    assert bool(numerics.needs_refinement(one)) == refines
+  # Far beyond it, one pass alone is off by much more than float32 rounding.
+  one = numerics.shifted_sums(x, (0,), jnp.full((1, 1), -3e3))
+  assert abs(float(numerics.variance(one.moments())[0, 0]) / var - 1) > 1e-4
+  both = numerics.shifted_moments(x, (0,), shift=jnp.full((1, 1), -3e3))
+  assert abs(float(numerics.variance(both.moments())[0, 0]) / var - 1) < 1e-5
+
+
+def test_non_finite_sums_and_constant_features_do_not_refine():
+  from jaxbn import numerics
+
+  x = jnp.ones((16, 2)).at[3, 0].set(jnp.nan) * 1e6  # NaN column, constant column
+  st = numerics.shifted_sums(x, (0,), jnp.zeros((1, 2)))
+  assert not np.isfinite(float(st.delta[0, 0]))
+  assert bool(numerics.needs_refinement(st, floor=1e-5))  # the constant, far: once
+  # A shift a few float spacings from a constant: one pass is exact already.
+  near = numerics.shifted_sums(x, (0,), jnp.full((1, 2), 1e6 + 4 * 0.0625))
+  assert not bool(numerics.needs_refinement(near, floor=1e-5))
+  assert float(near.m2[0, 1]) == 0.0 and float(near.shift[0, 1] + near.delta[0, 1]) == 1e6
