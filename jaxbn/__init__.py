@@ -25,6 +25,7 @@ from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
+from jaxbn.core import checkpoint_names
 from jaxbn.core import renorm_schedule
 from jaxbn.core import stats_dtype
 from jaxbn.folding import fold_bn
@@ -90,6 +91,7 @@ __all__ = (
   "bn_init",
   "bn_train",
   "bn_weight_decay_mask",
+  "checkpoint_names",
   "create_train_state",
   "data",
   "eval_step",

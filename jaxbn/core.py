@@ -40,6 +40,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from jaxbn import numerics
@@ -47,6 +48,15 @@ from jaxbn import numerics
 Array = jax.Array
 Axis = int | Sequence[int]
 Schedule = float | Callable[[Array], Array]
+
+SHIFT_NAME = "jaxbn_shift"
+MOMENTS_NAME = "jaxbn_moments"
+# The names bn_train gives its batch statistics (``jax.ad_checkpoint.checkpoint_name``):
+# the shift of the shifted moments and the moments themselves (count, delta, m2).
+# ``jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names(
+# *checkpoint_names))`` keeps them, so the backward pass does not compute the
+# statistics (and their all-reduces) a second time.
+checkpoint_names: tuple[str, ...] = (SHIFT_NAME, MOMENTS_NAME)
 
 
 class BNParams(NamedTuple):
@@ -429,9 +439,15 @@ def _train_kernel(cfg: _Config):
   def kernel_jvp(primals, tangents):
     x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax = primals
     x_dot, scale_dot, bias_dot = tangents[:3]  # the rest carry no gradient
-    y, (count, delta, m2) = kernel(*primals)
+    _, stats = kernel(*primals)
+    count, delta, m2 = checkpoint_name(stats, MOMENTS_NAME)
     dt = shift.dtype
-    a, _, rstd, r, d = affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax)
+    a, b, rstd, r, d = affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax)
+    # y from the named statistics rather than the kernel's own output: under
+    # jax.checkpoint with save_only_these_names(*checkpoint_names) the backward
+    # pass recomputes y elementwise from x and the saved statistics, while the
+    # kernel call (its reductions and all-reduces) has no output left to recompute.
+    y = (((x.astype(dt) - shift) - delta) * a + b).astype(x.dtype)
     n = jnp.where(count > 0, count, 1)
     k = a / n
 
@@ -713,6 +729,7 @@ def bn_train(
     axis_name=axis_name,
     axis_index_groups=groups,
   )
+  shift = checkpoint_name(shift, SHIFT_NAME)
   cfg = _Config(lay.reduction_axes, axis_name, groups, float(epsilon), renorm is not None)
   y, (count, delta, m2) = _train_kernel(cfg)(
     x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax
