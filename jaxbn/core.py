@@ -79,14 +79,20 @@ class BNState(NamedTuple):
     var: running biased variance, shape ``feature_shape``, float32.
     count: number of values that entered the statistics so far, per feature
       (masked values excluded), shape ``feature_shape``, float32.
-    step: number of ``bn_train`` updates, shape ``()``, int32 (schedules of
-      batch renormalization read it).
+    step: number of ``bn_train`` calls, shape ``()``, int32 (schedules of
+      batch renormalization read it; with ``accumulate_steps=k`` its value
+      modulo ``k`` says which micro-batch comes next).
+    acc: with ``accumulate_steps > 1``, the :class:`numerics.Moments` of the
+      micro-batches seen since the last update (each per feature, the
+      statistics dtype); ``None`` otherwise, so the default state has the four
+      arrays above and nothing else.
   """
 
   mean: Array
   var: Array
   count: Array
   step: Array
+  acc: numerics.Moments | None = None
 
 
 class SingleValueWarning(UserWarning):
@@ -144,6 +150,7 @@ class BNOptions(NamedTuple):
   renorm: Renorm | None = None
   ema_warmup: bool = False
   running_var: str = "biased"
+  accumulate_steps: int = 1
 
 
 def renorm_schedule(
@@ -181,7 +188,7 @@ def renorm_schedule(
 
 
 def bn_init(
-  num_features: int | Sequence[int], *, dtype: Any = jnp.float32
+  num_features: int | Sequence[int], *, dtype: Any = jnp.float32, accumulate_steps: int = 1
 ) -> tuple[BNParams, BNState]:
   """Parameters and state of a fresh layer.
 
@@ -196,6 +203,9 @@ def bn_init(
       axes).
     dtype: floating dtype of ``params``; also selects the statistics dtype
       (:func:`stats_dtype`).
+    accumulate_steps: the ``accumulate_steps`` of the :func:`bn_train` calls
+      this state will meet; above 1 the state has room (``acc``, zeros) for
+      the moments of the micro-batches between two updates.
 
   Returns:
     ``(params, state)``.
@@ -218,6 +228,7 @@ def bn_init(
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"bn_init: dtype must be a floating dtype, got {dtype}.")
+  _check_accumulate_steps("bn_init", accumulate_steps)
   params = BNParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
   sdt = stats_dtype(dtype)
   state = BNState(
@@ -225,8 +236,23 @@ def bn_init(
     var=jnp.ones(shape, sdt),
     count=jnp.zeros(shape, sdt),
     step=jnp.zeros((), jnp.int32),
+    acc=empty_accumulator(shape, sdt) if accumulate_steps > 1 else None,
   )
   return params, state
+
+
+def empty_accumulator(shape: Sequence[int], dtype: Any = jnp.float32) -> numerics.Moments:
+  """The moments of no value (count, mean and m2 zero): :attr:`BNState.acc` between updates."""
+  zeros = jnp.zeros(tuple(shape), dtype)
+  return numerics.Moments(zeros, zeros, zeros)
+
+
+def _check_accumulate_steps(fn: str, k: Any) -> None:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(
+      f"{fn}: accumulate_steps must be a positive int (the micro-batches per update of the "
+      f"running statistics, fixed when the step is compiled), got {k!r}."
+    )
 
 
 def stats_dtype(param_dtype: Any) -> jnp.dtype:
@@ -315,6 +341,11 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, 
     )
   if not jnp.issubdtype(jnp.result_type(state.step), jnp.integer):
     raise TypeError(f"{fn}: state.step must be an integer (int32), got {state.step.dtype}.")
+  if state.acc is not None:
+    chex.assert_equal_shape(
+      [state.mean, *state.acc],
+      custom_message=f"{fn}: state.acc must hold per-feature moments like state.mean",
+    )
   return shape
 
 
@@ -586,6 +617,7 @@ def bn_train(
   renorm: Renorm | None = None,
   ema_warmup: bool = False,
   running_var: str = "biased",
+  accumulate_steps: int = 1,
 ) -> tuple[Array, BNState]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
@@ -638,6 +670,18 @@ def bn_train(
       new batch weighs ``max(1 - momentum, n / (count + n))`` (``n`` its
       count), so the state is the average of the batches seen so far until
       the EMA's own horizon takes over. Safe at ``count = 0``.
+    running_var: ``"biased"`` or ``"unbiased"`` (PyTorch's running variance,
+      ``n / (n - 1)`` times the batch's).
+    accumulate_steps: ``k`` micro-batches per update of the running
+      statistics, for gradient accumulation (e.g. ``optax.MultiSteps(opt,
+      every_k_schedule=k)``). Each call normalizes its micro-batch with the
+      micro-batch's own statistics and merges its moments into ``state.acc``
+      (the state must come from ``bn_init(..., accumulate_steps=k)``); the
+      running statistics stay as they are for ``k - 1`` calls, and the
+      ``k``-th call updates them once with the count-weighted (Chan) merge of
+      the ``k`` micro-batches' moments: exactly the statistics of the ``k``
+      micro-batches concatenated. ``state.step`` counts calls; ``step % k``
+      is the position in the cycle. ``1`` (the default) updates on every call.
 
   Returns:
     ``(y, new_state)``.
@@ -682,6 +726,13 @@ def bn_train(
   lay = _layout(fn, x, axis, feature_shape)
   _check_options(fn, momentum, epsilon, running_var)
   mask = None if mask is None else _check_mask(fn, mask, x)
+  _check_accumulate_steps(fn, accumulate_steps)
+  if accumulate_steps > 1 and state.acc is None:
+    raise ValueError(
+      f"{fn}: accumulate_steps={accumulate_steps} keeps the micro-batches' moments in the "
+      f"state, but state.acc is None; make the state with "
+      f"bn_init(..., accumulate_steps={accumulate_steps})."
+    )
 
   if ghost_batch_size is not None:
     x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
@@ -737,7 +788,7 @@ def bn_train(
 
   if ghost_batch_size is not None:
     y = y.reshape(_unsplit_shape(y.shape, lay))
-  if single:
+  if single and accumulate_steps == 1:
     return y, state._replace(step=(state.step + 1).astype(state.step.dtype))
   m = jax.lax.stop_gradient(numerics.Shifted(count, shift, delta, m2).moments())
   batch = numerics.Moments(*(t.reshape(-1, *feature_shape) for t in m))
@@ -745,7 +796,34 @@ def bn_train(
     batch = numerics.merge_stacked(batch, 0)
   else:
     batch = numerics.Moments(*(t[0] for t in batch))
+  if accumulate_steps > 1:
+    return y, _accumulate(state, batch, accumulate_steps, momentum, ema_warmup, running_var)
   return y, _update_state(state, batch, momentum, ema_warmup, running_var)
+
+
+def _accumulate(
+  state: BNState,
+  batch: numerics.Moments,
+  k: int,
+  momentum: float | Array | None,
+  ema_warmup: bool,
+  running_var: str,
+) -> BNState:
+  """Merges ``batch`` into ``state.acc``; on the ``k``-th call, one update with the merge.
+
+  Chan's merge is exact, so after ``k`` calls ``acc`` holds the count, mean
+  and ``m2`` of the ``k`` micro-batches concatenated, and the update is the one
+  a single call on that concatenation would make.
+  """
+  sdt = state.mean.dtype
+  batch = jax.tree.map(lambda t: jax.lax.stop_gradient(t).astype(sdt), batch)
+  acc = numerics.merge(state.acc, batch)
+  last = state.step % k == k - 1
+  updated = _update_state(state, acc, momentum, ema_warmup, running_var)
+  kept = state._replace(step=updated.step)  # the running statistics stay
+  updated = updated._replace(acc=empty_accumulator(state.mean.shape, sdt))
+  kept = kept._replace(acc=acc)
+  return jax.tree.map(lambda u, s: jnp.where(last, u, s).astype(s.dtype), updated, kept)
 
 
 def _split_ghost(fn: str, x: Array, w: Array | None, lay: _Layout, size: int):

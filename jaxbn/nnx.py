@@ -53,8 +53,10 @@ class BatchNorm(nnx.Module):
   ``bias`` (``nnx.Param`` in ``param_dtype``, or ``None`` when ``use_scale`` /
   ``use_bias`` is False).
   Only when the configuration needs them: ``count`` (``nnx.BatchStat``,
-  float32) with ``momentum=None`` or ``ema_warmup=True``, and ``step``
-  (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule.
+  float32) with ``momentum=None`` or ``ema_warmup=True``; ``step``
+  (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule or
+  ``accumulate_steps > 1``; with ``accumulate_steps > 1`` also ``acc_count``,
+  ``acc_mean``, ``acc_m2`` (the micro-batches' moments since the last update).
 
   ``use_fast_variance`` and ``promote_dtype`` are accepted for compatibility
   and have no effect: the statistics are always two-pass in at least float32
@@ -87,6 +89,10 @@ class BatchNorm(nnx.Module):
     ema_warmup: count-aware running average (see :func:`jaxbn.bn_train`).
     running_var: ``"biased"`` (flax's) or ``"unbiased"`` (PyTorch's running
       variance, ``n / (n - 1)`` times the batch variance).
+    accumulate_steps: micro-batches per update of the running statistics
+      (gradient accumulation, see :func:`jaxbn.bn_train`); above 1 the layer
+      also holds ``step`` and the micro-batches' moments ``acc_count``,
+      ``acc_mean``, ``acc_m2``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -132,6 +138,7 @@ class BatchNorm(nnx.Module):
     renorm: Renorm | None = None,
     ema_warmup: bool = False,
     running_var: str = "biased",
+    accumulate_steps: int = 1,
   ):
     if isinstance(num_features, (int, np.integer)):
       shape = (int(num_features),)
@@ -153,12 +160,17 @@ class BatchNorm(nnx.Module):
       renorm=renorm,
       ema_warmup=ema_warmup,
       running_var=running_var,
+      accumulate_steps=accumulate_steps,
     )
-    init = _shell.initial_state(shape, param_dtype)
+    init = _shell.initial_state(shape, param_dtype, accumulate_steps)
     self.mean = nnx.BatchStat(init.mean)
     self.var = nnx.BatchStat(init.var)
     self.count = nnx.data(nnx.BatchStat(init.count) if _shell.needs_count(options) else None)
     self.step = nnx.data(nnx.BatchStat(init.step) if _shell.needs_step(options) else None)
+    acc = init.acc if _shell.needs_accumulator(options) else None
+    self.acc_count = nnx.data(None if acc is None else nnx.BatchStat(acc.count))
+    self.acc_mean = nnx.data(None if acc is None else nnx.BatchStat(acc.mean))
+    self.acc_m2 = nnx.data(None if acc is None else nnx.BatchStat(acc.m2))
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
@@ -188,6 +200,7 @@ class BatchNorm(nnx.Module):
     self.renorm = renorm
     self.ema_warmup = ema_warmup
     self.running_var = running_var
+    self.accumulate_steps = accumulate_steps
 
   def __call__(
     self,
@@ -227,6 +240,8 @@ class BatchNorm(nnx.Module):
         self.count[...] = new.count
       if self.step is not None:
         self.step[...] = new.step
+      if self.acc_count is not None:
+        self.acc_count[...], self.acc_mean[...], self.acc_m2[...] = new.acc
     return y if self.dtype is None else y.astype(self.dtype)
 
   def set_view(self, use_running_average: bool | None = None):
@@ -253,11 +268,15 @@ def params_and_state(bn: BatchNorm) -> tuple[BNParams, BNState]:
     scale=bn.scale[...] if bn.scale is not None else jnp.ones(shape, bn.param_dtype),
     bias=bn.bias[...] if bn.bias is not None else jnp.zeros(shape, bn.param_dtype),
   )
-  state = _shell.initial_state(shape, bn.param_dtype)._replace(mean=bn.mean[...], var=bn.var[...])
+  state = _shell.initial_state(shape, bn.param_dtype, bn.accumulate_steps)
+  state = state._replace(mean=bn.mean[...], var=bn.var[...])
   if bn.count is not None:
     state = state._replace(count=bn.count[...])
   if bn.step is not None:
     state = state._replace(step=bn.step[...])
+  if bn.acc_count is not None:
+    acc = (bn.acc_count[...], bn.acc_mean[...], bn.acc_m2[...])
+    state = state._replace(acc=type(state.acc)(*acc))
   return params, state
 
 
