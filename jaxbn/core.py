@@ -663,7 +663,9 @@ def bn_train(
     ghost_batch_size: split the batch (the first non-feature axis) into
       contiguous virtual batches of this size, each normalized with its own
       statistics (Hoffer et al. 2017). The running statistics are updated with
-      the whole batch's statistics, so inference is unchanged.
+      the whole batch's statistics, so inference is unchanged. Under ``jit``
+      with the batch sharded over devices, the per-device batch size gives
+      per-device statistics that need no collective.
     renorm: a :class:`Renorm` for batch renormalization (Ioffe 2017).
     ema_warmup: count-aware running average. The initial ``mean = 0, var = 1``
       is wrong for the first hundreds of steps of an EMA; with this flag the

@@ -29,6 +29,7 @@ from flax import traverse_util
 from flax.linen import initializers
 
 from jaxbn import _shell
+from jaxbn import numerics
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -203,7 +204,7 @@ class BatchNorm(nn.Module):
     if step is not None:
       state = state._replace(step=step.value)
     if acc is not None:
-      state = state._replace(acc=type(init.acc)(*(v.value for v in acc)))
+      state = state._replace(acc=numerics.Moments(*(v.value for v in acc)))
     initializing = self.is_initializing()
     y, new = _shell.normalize(
       BNParams(scale=scale, bias=bias),
@@ -220,7 +221,7 @@ class BatchNorm(nn.Module):
         count.value = new.count
       if step is not None:
         step.value = new.step
-      if acc is not None:
+      if acc is not None and new.acc is not None:
         for v, t in zip(acc, new.acc, strict=True):
           v.value = t
     return y if self.dtype is None else y.astype(self.dtype)

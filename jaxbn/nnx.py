@@ -26,6 +26,7 @@ from flax.nnx.nn import dtypes
 from flax.nnx.nn import initializers
 
 from jaxbn import _shell
+from jaxbn import numerics
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -240,7 +241,7 @@ class BatchNorm(nnx.Module):
         self.count[...] = new.count
       if self.step is not None:
         self.step[...] = new.step
-      if self.acc_count is not None:
+      if self.acc_count is not None and new.acc is not None:
         self.acc_count[...], self.acc_mean[...], self.acc_m2[...] = new.acc
     return y if self.dtype is None else y.astype(self.dtype)
 
@@ -276,7 +277,7 @@ def params_and_state(bn: BatchNorm) -> tuple[BNParams, BNState]:
     state = state._replace(step=bn.step[...])
   if bn.acc_count is not None:
     acc = (bn.acc_count[...], bn.acc_mean[...], bn.acc_m2[...])
-    state = state._replace(acc=type(state.acc)(*acc))
+    state = state._replace(acc=numerics.Moments(*acc))
   return params, state
 
 

@@ -249,3 +249,19 @@ def test_multisteps_train_step_against_flax_micro_batches_and_the_whole_batch():
   flax_stats = whole(variables, x)["batch_stats"]["BatchNorm_0"]
   np.testing.assert_allclose(bs["mean"], flax_stats["mean"], **TOL)
   np.testing.assert_allclose(bs["var"], flax_stats["var"], **TOL)
+
+
+def test_population_statistics_of_accumulating_layers():
+  """Population statistics update once per batch, whatever the layers accumulate in training."""
+  x = _data()
+  bn = jbn_nnx.BatchNorm(FEATURES, accumulate_steps=K, rngs=nnx.Rngs(0))
+  jaxbn.nnx_population_stats(bn, _micro(x)[:2])
+  np.testing.assert_allclose(bn.mean[...], x[: 2 * MICRO].astype(np.float64).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(bn.var[...], x[: 2 * MICRO].astype(np.float64).var(0), rtol=1e-4)
+  np.testing.assert_array_equal(bn.acc_count[...], 0)  # the accumulator is left as it was
+  layer = jbn_linen.BatchNorm(use_running_average=False, accumulate_steps=K)
+  variables = layer.init(jax.random.key(0), x[:MICRO])
+  out = jaxbn.linen_population_stats(layer, variables, _micro(x)[:2])
+  np.testing.assert_allclose(
+    out["batch_stats"]["mean"], x[: 2 * MICRO].astype(np.float64).mean(0), rtol=1e-5
+  )
