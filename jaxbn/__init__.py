@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from jaxbn import numerics
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
@@ -80,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = (
+  "BNAccState",
   "BNOptions",
   "BNParams",
   "BNState",

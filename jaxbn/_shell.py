@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
@@ -55,19 +56,21 @@ def needs_accumulator(options: Options) -> bool:
   return options.accumulate_steps != 1
 
 
-def initial_state(shape: tuple[int, ...], param_dtype: Any, accumulate_steps: int = 1) -> BNState:
+def initial_state(
+  shape: tuple[int, ...], param_dtype: Any, accumulate_steps: int = 1
+) -> BNState | BNAccState:
   """``mean = 0``, ``var = 1``, ``count = 0``, ``step = 0`` in the statistics dtype.
 
-  With ``accumulate_steps > 1`` also an empty accumulator (``acc``).
+  With ``accumulate_steps > 1`` a :class:`BNAccState` with an empty accumulator.
   """
   sdt = stats_dtype(param_dtype)
-  return BNState(
+  state = BNState(
     mean=jnp.zeros(shape, sdt),
     var=jnp.ones(shape, sdt),
     count=jnp.zeros(shape, sdt),
     step=jnp.zeros((), jnp.int32),
-    acc=empty_accumulator(shape, sdt) if accumulate_steps != 1 else None,
   )
+  return state if accumulate_steps == 1 else BNAccState(*state, acc=empty_accumulator(shape, sdt))
 
 
 def feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:

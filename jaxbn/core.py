@@ -80,19 +80,36 @@ class BNState(NamedTuple):
     count: number of values that entered the statistics so far, per feature
       (masked values excluded), shape ``feature_shape``, float32.
     step: number of ``bn_train`` calls, shape ``()``, int32 (schedules of
-      batch renormalization read it; with ``accumulate_steps=k`` its value
-      modulo ``k`` says which micro-batch comes next).
-    acc: with ``accumulate_steps > 1``, the :class:`numerics.Moments` of the
-      micro-batches seen since the last update (each per feature, the
-      statistics dtype); ``None`` otherwise, so the default state has the four
-      arrays above and nothing else.
+      batch renormalization read it).
   """
 
   mean: Array
   var: Array
   count: Array
   step: Array
-  acc: numerics.Moments | None = None
+
+
+class BNAccState(NamedTuple):
+  """:class:`BNState` with room for gradient accumulation (``accumulate_steps > 1``).
+
+  ``bn_init(..., accumulate_steps=k)`` makes it for ``k > 1``; the default
+  :class:`BNState` stays four arrays.
+
+  Attributes:
+    mean: as in :class:`BNState`.
+    var: as in :class:`BNState`.
+    count: as in :class:`BNState`.
+    step: number of ``bn_train`` calls; modulo ``k`` it says which micro-batch
+      comes next.
+    acc: the :class:`numerics.Moments` (count, mean, m2; per feature, the
+      statistics dtype) of the micro-batches seen since the last update.
+  """
+
+  mean: Array
+  var: Array
+  count: Array
+  step: Array
+  acc: numerics.Moments
 
 
 class SingleValueWarning(UserWarning):
@@ -189,7 +206,7 @@ def renorm_schedule(
 
 def bn_init(
   num_features: int | Sequence[int], *, dtype: Any = jnp.float32, accumulate_steps: int = 1
-) -> tuple[BNParams, BNState]:
+) -> tuple[BNParams, BNState | BNAccState]:
   """Parameters and state of a fresh layer.
 
   ``scale = 1``, ``bias = 0`` (in ``dtype``); ``mean = 0``, ``var = 1``,
@@ -204,8 +221,9 @@ def bn_init(
     dtype: floating dtype of ``params``; also selects the statistics dtype
       (:func:`stats_dtype`).
     accumulate_steps: the ``accumulate_steps`` of the :func:`bn_train` calls
-      this state will meet; above 1 the state has room (``acc``, zeros) for
-      the moments of the micro-batches between two updates.
+      this state will meet; above 1 the state is a :class:`BNAccState`, with
+      room (``acc``, zeros) for the moments of the micro-batches between two
+      updates.
 
   Returns:
     ``(params, state)``.
@@ -236,13 +254,14 @@ def bn_init(
     var=jnp.ones(shape, sdt),
     count=jnp.zeros(shape, sdt),
     step=jnp.zeros((), jnp.int32),
-    acc=empty_accumulator(shape, sdt) if accumulate_steps > 1 else None,
   )
+  if accumulate_steps > 1:
+    state = BNAccState(*state, acc=empty_accumulator(shape, sdt))
   return params, state
 
 
 def empty_accumulator(shape: Sequence[int], dtype: Any = jnp.float32) -> numerics.Moments:
-  """The moments of no value (count, mean and m2 zero): :attr:`BNState.acc` between updates."""
+  """The moments of no value (count, mean and m2 zero): :attr:`BNAccState.acc` after an update."""
   zeros = jnp.zeros(tuple(shape), dtype)
   return numerics.Moments(zeros, zeros, zeros)
 
@@ -341,7 +360,7 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, 
     )
   if not jnp.issubdtype(jnp.result_type(state.step), jnp.integer):
     raise TypeError(f"{fn}: state.step must be an integer (int32), got {state.step.dtype}.")
-  if state.acc is not None:
+  if isinstance(state, BNAccState):
     chex.assert_equal_shape(
       [state.mean, *state.acc],
       custom_message=f"{fn}: state.acc must hold per-feature moments like state.mean",
@@ -478,7 +497,9 @@ def _train_kernel(cfg: _Config):
     # jax.checkpoint with save_only_these_names(*checkpoint_names) the backward
     # pass recomputes y elementwise from x and the saved statistics, while the
     # kernel call (its reductions and all-reduces) has no output left to recompute.
-    y = (((x.astype(dt) - shift) - delta) * a + b).astype(x.dtype)
+    # As in the kernel, y reads its own copies of the per-feature values.
+    s2, delta2 = jax.lax.optimization_barrier((shift, delta))
+    y = (((x.astype(dt) - s2) - delta2) * a + b).astype(x.dtype)
     n = jnp.where(count > 0, count, 1)
     k = a / n
 
@@ -678,7 +699,7 @@ def bn_train(
       statistics, for gradient accumulation (e.g. ``optax.MultiSteps(opt,
       every_k_schedule=k)``). Each call normalizes its micro-batch with the
       micro-batch's own statistics and merges its moments into ``state.acc``
-      (the state must come from ``bn_init(..., accumulate_steps=k)``); the
+      (a :class:`BNAccState`, from ``bn_init(..., accumulate_steps=k)``); the
       running statistics stay as they are for ``k - 1`` calls, and the
       ``k``-th call updates them once with the count-weighted (Chan) merge of
       the ``k`` micro-batches' moments: exactly the statistics of the ``k``
@@ -729,10 +750,10 @@ def bn_train(
   _check_options(fn, momentum, epsilon, running_var)
   mask = None if mask is None else _check_mask(fn, mask, x)
   _check_accumulate_steps(fn, accumulate_steps)
-  if accumulate_steps > 1 and state.acc is None:
+  if accumulate_steps > 1 and not isinstance(state, BNAccState):
     raise ValueError(
       f"{fn}: accumulate_steps={accumulate_steps} keeps the micro-batches' moments in the "
-      f"state, but state.acc is None; make the state with "
+      f"state, but it is a {type(state).__name__} without them; make the state with "
       f"bn_init(..., accumulate_steps={accumulate_steps})."
     )
 
@@ -804,13 +825,13 @@ def bn_train(
 
 
 def _accumulate(
-  state: BNState,
+  state: BNAccState,
   batch: numerics.Moments,
   k: int,
   momentum: float | Array | None,
   ema_warmup: bool,
   running_var: str,
-) -> BNState:
+) -> BNAccState:
   """Merges ``batch`` into ``state.acc``; on the ``k``-th call, one update with the merge.
 
   Chan's merge is exact, so after ``k`` calls ``acc`` holds the count, mean
@@ -821,10 +842,9 @@ def _accumulate(
   batch = jax.tree.map(lambda t: jax.lax.stop_gradient(t).astype(sdt), batch)
   acc = numerics.merge(state.acc, batch)
   last = state.step % k == k - 1
-  updated = _update_state(state, acc, momentum, ema_warmup, running_var)
-  kept = state._replace(step=updated.step)  # the running statistics stay
-  updated = updated._replace(acc=empty_accumulator(state.mean.shape, sdt))
-  kept = kept._replace(acc=acc)
+  updated = _update_state(BNState(*state[:4]), acc, momentum, ema_warmup, running_var)
+  updated = BNAccState(*updated, acc=empty_accumulator(state.mean.shape, sdt))
+  kept = state._replace(step=updated.step, acc=acc)  # the running statistics stay
   return jax.tree.map(lambda u, s: jnp.where(last, u, s).astype(s.dtype), updated, kept)
 
 
@@ -911,3 +931,4 @@ def bn_infer(
 # serialize them under these names.
 jax.export.register_namedtuple_serialization(BNParams, serialized_name="jaxbn.BNParams")
 jax.export.register_namedtuple_serialization(BNState, serialized_name="jaxbn.BNState")
+jax.export.register_namedtuple_serialization(BNAccState, serialized_name="jaxbn.BNAccState")

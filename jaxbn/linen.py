@@ -30,6 +30,7 @@ from flax.linen import initializers
 
 from jaxbn import _shell
 from jaxbn import numerics
+from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -221,7 +222,7 @@ class BatchNorm(nn.Module):
         count.value = new.count
       if step is not None:
         step.value = new.step
-      if acc is not None and new.acc is not None:
+      if acc is not None and isinstance(new, BNAccState):
         for v, t in zip(acc, new.acc, strict=True):
           v.value = t
     return y if self.dtype is None else y.astype(self.dtype)
@@ -335,7 +336,8 @@ def linen_population_stats(
         scale=mod.get_variable("params", "scale") if mod.use_scale else ones,
         bias=mod.get_variable("params", "bias") if mod.use_bias else zeros,
       )
-      options = _shell.options_of(mod)._replace(**bn_kwargs)
+      # One update per batch, whatever the layer accumulates in training.
+      options = _shell.options_of(mod)._replace(**bn_kwargs, accumulate_steps=1)
       y, new[key] = _shell.normalize(
         params, states[key], args[0], options, use_running_average=False, mask=kwargs.get("mask")
       )

@@ -27,6 +27,7 @@ from flax.nnx.nn import initializers
 
 from jaxbn import _shell
 from jaxbn import numerics
+from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -241,7 +242,7 @@ class BatchNorm(nnx.Module):
         self.count[...] = new.count
       if self.step is not None:
         self.step[...] = new.step
-      if self.acc_count is not None and new.acc is not None:
+      if self.acc_count is not None and isinstance(new, BNAccState):
         self.acc_count[...], self.acc_mean[...], self.acc_m2[...] = new.acc
     return y if self.dtype is None else y.astype(self.dtype)
 
@@ -269,15 +270,14 @@ def params_and_state(bn: BatchNorm) -> tuple[BNParams, BNState]:
     scale=bn.scale[...] if bn.scale is not None else jnp.ones(shape, bn.param_dtype),
     bias=bn.bias[...] if bn.bias is not None else jnp.zeros(shape, bn.param_dtype),
   )
-  state = _shell.initial_state(shape, bn.param_dtype, bn.accumulate_steps)
-  state = state._replace(mean=bn.mean[...], var=bn.var[...])
+  state = _shell.initial_state(shape, bn.param_dtype)._replace(mean=bn.mean[...], var=bn.var[...])
   if bn.count is not None:
     state = state._replace(count=bn.count[...])
   if bn.step is not None:
     state = state._replace(step=bn.step[...])
-  if bn.acc_count is not None:
-    acc = (bn.acc_count[...], bn.acc_mean[...], bn.acc_m2[...])
-    state = state._replace(acc=numerics.Moments(*acc))
+  if bn.acc_count is not None and bn.accumulate_steps != 1:
+    acc = numerics.Moments(bn.acc_count[...], bn.acc_mean[...], bn.acc_m2[...])
+    state = BNAccState(*state, acc=acc)
   return params, state
 
 
@@ -335,7 +335,8 @@ def nnx_population_stats(
   layers = bn_layers(model)
   if not layers:
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
-  states = {k: params_and_state(bn)[1] for k, bn in layers.items()}
+  # The running statistics alone: population_stats updates each once per batch.
+  states = {k: BNState(*params_and_state(bn)[1][:4]) for k, bn in layers.items()}
   graphdef, nnx_state = nnx.split(model)
 
   def forward(nnx_state, states, x, **bn_kwargs):
@@ -347,6 +348,7 @@ def nnx_population_stats(
       # The copy keeps the count and step even where the model does not.
       bn.count, bn.step = nnx.BatchStat(s.count), nnx.BatchStat(s.step)
       bn.use_running_average = False
+      bn.accumulate_steps = 1  # one update per batch, whatever the layer accumulates
       for name, value in bn_kwargs.items():
         setattr(bn, name, value)
     out = copy(x, **call_kwargs)

@@ -43,8 +43,7 @@ ESTIMATORS = ("exact", "paper")
 # What population_stats passes to the forward function, which must hand it
 # to every bn_train call: the exact cumulative update, and batch
 # renormalization off (its output depends on the running statistics).
-# accumulate_steps=1: one update per batch, whatever the model accumulates in training.
-_OVERRIDES = {"momentum": None, "renorm": None, "accumulate_steps": 1}
+_OVERRIDES = {"momentum": None, "renorm": None}
 
 
 def _is_state(t: Any) -> bool:

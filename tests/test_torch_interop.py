@@ -143,8 +143,7 @@ def test_round_trip_is_bitwise(dtype, cls):
       assert got.dtype == v.dtype and torch.equal(got, v), k
     # ... and back again.
     params2, state2 = jaxbn.from_torch(dst)
-    pairs = zip(jax.tree.leaves((params, state)), jax.tree.leaves((params2, state2)), strict=True)
-    for a, b in pairs:
+    for a, b in zip((*params, *state), (*params2, *state2), strict=True):
       assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -155,11 +154,11 @@ def test_ported_arrays_do_not_alias_torch_memory():
   conv = torch.nn.Conv2d(3, 64, 1)
   params, state = jaxbn.from_torch(bn)
   kernel = torch_port.torch_conv_kernel(conv.weight)
-  before = [np.array(a) for a in jax.tree.leaves((params, state, kernel))]
+  before = [np.array(a) for a in (*params, *state, kernel)]
   with torch.no_grad():
     for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.weight):
       t.add_(1)
-  for a, b in zip(before, jax.tree.leaves((params, state, kernel)), strict=True):
+  for a, b in zip(before, (*params, *state, kernel), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
