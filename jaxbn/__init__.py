@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from jaxbn import numerics
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
@@ -25,6 +26,7 @@ from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
+from jaxbn.core import checkpoint_names
 from jaxbn.core import renorm_schedule
 from jaxbn.core import stats_dtype
 from jaxbn.folding import fold_bn
@@ -79,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = (
+  "BNAccState",
   "BNOptions",
   "BNParams",
   "BNState",
@@ -90,6 +93,7 @@ __all__ = (
   "bn_init",
   "bn_train",
   "bn_weight_decay_mask",
+  "checkpoint_names",
   "create_train_state",
   "data",
   "eval_step",

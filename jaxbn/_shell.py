@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_train
+from jaxbn.core import empty_accumulator
 from jaxbn.core import stats_dtype
 
 Options = BNOptions  # every option of the modules that reaches the core
@@ -41,18 +43,34 @@ def needs_count(options: Options) -> bool:
 def needs_step(options: Options) -> bool:
   """Whether the state stores the update ``step`` (renorm limits that follow a schedule)."""
   r = options.renorm
-  return r is not None and (callable(r.rmax) or callable(r.dmax))
+  schedule = r is not None and (callable(r.rmax) or callable(r.dmax))
+  return schedule or needs_accumulator(options)
 
 
-def initial_state(shape: tuple[int, ...], param_dtype: Any) -> BNState:
-  """``mean = 0``, ``var = 1``, ``count = 0``, ``step = 0`` in the statistics dtype."""
+def needs_accumulator(options: Options) -> bool:
+  """Whether the state stores the micro-batches' moments (``accumulate_steps > 1``).
+
+  The position in the cycle of micro-batches is then ``step % accumulate_steps``,
+  so such a state stores ``step`` too.
+  """
+  return options.accumulate_steps != 1
+
+
+def initial_state(
+  shape: tuple[int, ...], param_dtype: Any, accumulate_steps: int = 1
+) -> BNState | BNAccState:
+  """``mean = 0``, ``var = 1``, ``count = 0``, ``step = 0`` in the statistics dtype.
+
+  With ``accumulate_steps > 1`` a :class:`BNAccState` with an empty accumulator.
+  """
   sdt = stats_dtype(param_dtype)
-  return BNState(
+  state = BNState(
     mean=jnp.zeros(shape, sdt),
     var=jnp.ones(shape, sdt),
     count=jnp.zeros(shape, sdt),
     step=jnp.zeros((), jnp.int32),
   )
+  return state if accumulate_steps == 1 else BNAccState(*state, acc=empty_accumulator(shape, sdt))
 
 
 def feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:

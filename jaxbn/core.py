@@ -41,6 +41,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from jaxbn import numerics
@@ -48,6 +49,15 @@ from jaxbn import numerics
 Array = jax.Array
 Axis = int | Sequence[int]
 Schedule = float | Callable[[Array], Array]
+
+SHIFT_NAME = "jaxbn_shift"
+MOMENTS_NAME = "jaxbn_moments"
+# The names bn_train gives its batch statistics (``jax.ad_checkpoint.checkpoint_name``):
+# the shift of the shifted moments and the moments themselves (count, delta, m2).
+# ``jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names(
+# *checkpoint_names))`` keeps them, so the backward pass does not compute the
+# statistics (and their all-reduces) a second time.
+checkpoint_names: tuple[str, ...] = (SHIFT_NAME, MOMENTS_NAME)
 
 
 class BNParams(NamedTuple):
@@ -70,7 +80,7 @@ class BNState(NamedTuple):
     var: running biased variance, shape ``feature_shape``, float32.
     count: number of values that entered the statistics so far, per feature
       (masked values excluded), shape ``feature_shape``, float32.
-    step: number of ``bn_train`` updates, shape ``()``, int32 (schedules of
+    step: number of ``bn_train`` calls, shape ``()``, int32 (schedules of
       batch renormalization read it).
   """
 
@@ -78,6 +88,29 @@ class BNState(NamedTuple):
   var: Array
   count: Array
   step: Array
+
+
+class BNAccState(NamedTuple):
+  """:class:`BNState` with room for gradient accumulation (``accumulate_steps > 1``).
+
+  ``bn_init(..., accumulate_steps=k)`` makes it for ``k > 1``; the default
+  :class:`BNState` stays four arrays.
+
+  Attributes:
+    mean: as in :class:`BNState`.
+    var: as in :class:`BNState`.
+    count: as in :class:`BNState`.
+    step: number of ``bn_train`` calls; modulo ``k`` it says which micro-batch
+      comes next.
+    acc: the :class:`numerics.Moments` (count, mean, m2; per feature, the
+      statistics dtype) of the micro-batches seen since the last update.
+  """
+
+  mean: Array
+  var: Array
+  count: Array
+  step: Array
+  acc: numerics.Moments
 
 
 class SingleValueWarning(UserWarning):
@@ -135,6 +168,7 @@ class BNOptions(NamedTuple):
   renorm: Renorm | None = None
   ema_warmup: bool = False
   running_var: str = "biased"
+  accumulate_steps: int = 1
 
 
 def renorm_schedule(
@@ -172,8 +206,8 @@ def renorm_schedule(
 
 
 def bn_init(
-  num_features: int | Sequence[int], *, dtype: Any = jnp.float32
-) -> tuple[BNParams, BNState]:
+  num_features: int | Sequence[int], *, dtype: Any = jnp.float32, accumulate_steps: int = 1
+) -> tuple[BNParams, BNState | BNAccState]:
   """Parameters and state of a fresh layer.
 
   ``scale = 1``, ``bias = 0`` (in ``dtype``); ``mean = 0``, ``var = 1``,
@@ -187,6 +221,10 @@ def bn_init(
       axes).
     dtype: floating dtype of ``params``; also selects the statistics dtype
       (:func:`stats_dtype`).
+    accumulate_steps: the ``accumulate_steps`` of the :func:`bn_train` calls
+      this state will meet; above 1 the state is a :class:`BNAccState`, with
+      room (``acc``, zeros) for the moments of the micro-batches between two
+      updates.
 
   Returns:
     ``(params, state)``.
@@ -209,6 +247,7 @@ def bn_init(
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"bn_init: dtype must be a floating dtype, got {dtype}.")
+  _check_accumulate_steps("bn_init", accumulate_steps)
   params = BNParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
   sdt = stats_dtype(dtype)
   state = BNState(
@@ -217,7 +256,23 @@ def bn_init(
     count=jnp.zeros(shape, sdt),
     step=jnp.zeros((), jnp.int32),
   )
+  if accumulate_steps > 1:
+    state = BNAccState(*state, acc=empty_accumulator(shape, sdt))
   return params, state
+
+
+def empty_accumulator(shape: Sequence[int], dtype: Any = jnp.float32) -> numerics.Moments:
+  """The moments of no value (count, mean and m2 zero): :attr:`BNAccState.acc` after an update."""
+  zeros = jnp.zeros(tuple(shape), dtype)
+  return numerics.Moments(zeros, zeros, zeros)
+
+
+def _check_accumulate_steps(fn: str, k: Any) -> None:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(
+      f"{fn}: accumulate_steps must be a positive int (the micro-batches per update of the "
+      f"running statistics, fixed when the step is compiled), got {k!r}."
+    )
 
 
 def stats_dtype(param_dtype: Any) -> jnp.dtype:
@@ -306,6 +361,11 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, 
     )
   if not jnp.issubdtype(jnp.result_type(state.step), jnp.integer):
     raise TypeError(f"{fn}: state.step must be an integer (int32), got {state.step.dtype}.")
+  if isinstance(state, BNAccState):
+    chex.assert_equal_shape(
+      [state.mean, *state.acc],
+      custom_message=f"{fn}: state.acc must hold per-feature moments like state.mean",
+    )
   return shape
 
 
@@ -350,6 +410,7 @@ class _Config(NamedTuple):
   axis_index_groups: Any
   epsilon: float
   renorm: bool
+  always_refine: bool  # ghost batches: two passes, no cross-group predicate
 
 
 def _is_zero(t: Any) -> bool:
@@ -404,6 +465,16 @@ def _train_kernel(cfg: _Config):
     r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)  # at every order
     return g * rstd * r, g * d + bias.astype(dt), rstd, r, d
 
+  def output(x, shift, delta, a, b):
+    """``y = ((x - shift) - delta) * a + b``, not ``x - mean``: exact far from zero.
+
+    The per-feature values get copies of their own, so that XLA broadcasts
+    them inside the pass that writes y (a factor computed in a fusion of its
+    own is otherwise broadcast to x's size and written to memory first).
+    """
+    shift, delta, a, b = jax.lax.optimization_barrier((shift, delta, a, b))
+    return (((x.astype(shift.dtype) - shift) - delta) * a + b).astype(x.dtype)
+
   @jax.custom_jvp
   def kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax):
     dt = shift.dtype
@@ -416,22 +487,23 @@ def _train_kernel(cfg: _Config):
       axis_index_groups=cfg.axis_index_groups,
       dtype=dt,
       floor=cfg.epsilon,
+      always_refine=cfg.always_refine,
     )
     a, b, *_ = affine(scale, bias, *st, ref_mean, ref_var, rmax, dmax)
-    # (x - shift) - delta, not x - mean: exact far from zero. Per-feature
-    # values of their own, so that XLA broadcasts them inside the pass that
-    # writes y (a factor computed in a fusion of its own is otherwise
-    # broadcast to x's size and written to memory first).
-    s2, delta2, a, b = jax.lax.optimization_barrier((st.shift, st.delta, a, b))
-    y = ((x.astype(dt) - s2) - delta2) * a + b
-    return y.astype(x.dtype), tuple(st)
+    return output(x, st.shift, st.delta, a, b), tuple(st)
 
   def kernel_jvp(primals, tangents):
     x, scale, bias, mask, _, ref_mean, ref_var, rmax, dmax = primals
     x_dot, scale_dot, bias_dot = tangents[:3]  # the rest carry no gradient
-    y, (count, shift, delta, m2) = kernel(*primals)
+    _, stats = kernel(*primals)
+    count, shift, delta, m2 = checkpoint_name(stats, MOMENTS_NAME)
     dt = shift.dtype
-    a, _, rstd, r, d = affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax)
+    a, b, rstd, r, d = affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax)
+    # y from the named statistics rather than the kernel's own output: under
+    # jax.checkpoint with save_only_these_names(*checkpoint_names) the backward
+    # pass recomputes y elementwise from x and the saved statistics, while the
+    # kernel call (its reductions and all-reduces) has no output left to recompute.
+    y = output(x, shift, delta, a, b)
     n = jnp.where(count > 0, count, 1)
     k = a / n
 
@@ -578,6 +650,7 @@ def bn_train(
   renorm: Renorm | None = None,
   ema_warmup: bool = False,
   running_var: str = "biased",
+  accumulate_steps: int = 1,
 ) -> tuple[Array, BNState]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
@@ -623,13 +696,27 @@ def bn_train(
     ghost_batch_size: split the batch (the first non-feature axis) into
       contiguous virtual batches of this size, each normalized with its own
       statistics (Hoffer et al. 2017). The running statistics are updated with
-      the whole batch's statistics, so inference is unchanged.
+      the whole batch's statistics, so inference is unchanged. Under ``jit``
+      with the batch sharded over devices, the per-device batch size gives
+      per-device statistics that need no collective.
     renorm: a :class:`Renorm` for batch renormalization (Ioffe 2017).
     ema_warmup: count-aware running average. The initial ``mean = 0, var = 1``
       is wrong for the first hundreds of steps of an EMA; with this flag the
       new batch weighs ``max(1 - momentum, n / (count + n))`` (``n`` its
       count), so the state is the average of the batches seen so far until
       the EMA's own horizon takes over. Safe at ``count = 0``.
+    running_var: ``"biased"`` or ``"unbiased"`` (PyTorch's running variance,
+      ``n / (n - 1)`` times the batch's).
+    accumulate_steps: ``k`` micro-batches per update of the running
+      statistics, for gradient accumulation (e.g. ``optax.MultiSteps(opt,
+      every_k_schedule=k)``). Each call normalizes its micro-batch with the
+      micro-batch's own statistics and merges its moments into ``state.acc``
+      (a :class:`BNAccState`, from ``bn_init(..., accumulate_steps=k)``); the
+      running statistics stay as they are for ``k - 1`` calls, and the
+      ``k``-th call updates them once with the count-weighted (Chan) merge of
+      the ``k`` micro-batches' moments: exactly the statistics of the ``k``
+      micro-batches concatenated. ``state.step`` counts calls; ``step % k``
+      is the position in the cycle. ``1`` (the default) updates on every call.
 
   Returns:
     ``(y, new_state)``.
@@ -674,6 +761,13 @@ def bn_train(
   lay = _layout(fn, x, axis, feature_shape)
   _check_options(fn, momentum, epsilon, running_var)
   mask = None if mask is None else _check_mask(fn, mask, x)
+  _check_accumulate_steps(fn, accumulate_steps)
+  if accumulate_steps > 1 and not isinstance(state, BNAccState):
+    raise ValueError(
+      f"{fn}: accumulate_steps={accumulate_steps} keeps the micro-batches' moments in the "
+      f"state, but it is a {type(state).__name__} without them; make the state with "
+      f"bn_init(..., accumulate_steps={accumulate_steps})."
+    )
 
   if ghost_batch_size is not None:
     x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
@@ -716,15 +810,22 @@ def bn_train(
   # The shift reference: the running mean, which every device holds (no
   # slice of x, so no collective and no sharding of its own); far from the
   # batch's mean, the kernel refines it (numerics.shifted_moments).
-  shift = jax.lax.stop_gradient(ref_mean.astype(cdt))
-  cfg = _Config(lay.reduction_axes, axis_name, groups, float(epsilon), renorm is not None)
+  shift = checkpoint_name(jax.lax.stop_gradient(ref_mean.astype(cdt)), SHIFT_NAME)
+  cfg = _Config(
+    lay.reduction_axes,
+    axis_name,
+    groups,
+    float(epsilon),
+    renorm is not None,
+    always_refine=ghost_batch_size is not None,
+  )
   y, (count, shift, delta, m2) = _train_kernel(cfg)(
     x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax
   )
 
   if ghost_batch_size is not None:
     y = y.reshape(_unsplit_shape(y.shape, lay))
-  if single:
+  if single and accumulate_steps == 1:
     return y, state._replace(step=(state.step + 1).astype(state.step.dtype))
   m = jax.lax.stop_gradient(numerics.Shifted(count, shift, delta, m2).moments())
   batch = numerics.Moments(*(t.reshape(-1, *feature_shape) for t in m))
@@ -733,7 +834,33 @@ def bn_train(
   else:
     batch = numerics.Moments(*(t[0] for t in batch))
   batch = jax.tree.map(lambda t: _sharded_like(t, state.mean), batch)
+  if accumulate_steps > 1:
+    return y, _accumulate(state, batch, accumulate_steps, momentum, ema_warmup, running_var)
   return y, _update_state(state, batch, momentum, ema_warmup, running_var)
+
+
+def _accumulate(
+  state: BNAccState,
+  batch: numerics.Moments,
+  k: int,
+  momentum: float | Array | None,
+  ema_warmup: bool,
+  running_var: str,
+) -> BNAccState:
+  """Merges ``batch`` into ``state.acc``; on the ``k``-th call, one update with the merge.
+
+  Chan's merge is exact, so after ``k`` calls ``acc`` holds the count, mean
+  and ``m2`` of the ``k`` micro-batches concatenated, and the update is the one
+  a single call on that concatenation would make.
+  """
+  sdt = state.mean.dtype
+  batch = jax.tree.map(lambda t: jax.lax.stop_gradient(t).astype(sdt), batch)
+  acc = numerics.merge(state.acc, batch)
+  last = state.step % k == k - 1
+  updated = _update_state(BNState(*state[:4]), acc, momentum, ema_warmup, running_var)
+  updated = BNAccState(*updated, acc=empty_accumulator(state.mean.shape, sdt))
+  kept = state._replace(step=updated.step, acc=acc)  # the running statistics stay
+  return jax.tree.map(lambda u, s: jnp.where(last, u, s).astype(s.dtype), updated, kept)
 
 
 def _sharded_like(t: Array, ref: Array) -> Array:
@@ -832,3 +959,4 @@ def bn_infer(
 # serialize them under these names.
 jax.export.register_namedtuple_serialization(BNParams, serialized_name="jaxbn.BNParams")
 jax.export.register_namedtuple_serialization(BNState, serialized_name="jaxbn.BNState")
+jax.export.register_namedtuple_serialization(BNAccState, serialized_name="jaxbn.BNAccState")

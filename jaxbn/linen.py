@@ -29,6 +29,8 @@ from flax import traverse_util
 from flax.linen import initializers
 
 from jaxbn import _shell
+from jaxbn import numerics
+from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -108,6 +110,10 @@ class BatchNorm(nn.Module):
       :func:`jaxbn.bn_train`).
     running_var: ``"biased"`` (flax's) or ``"unbiased"`` (PyTorch's: the
       running variance moves toward ``n / (n - 1)`` times the batch variance).
+    accumulate_steps: micro-batches per update of the running statistics
+      (gradient accumulation, see :func:`jaxbn.bn_train`); above 1,
+      ``'batch_stats'`` also holds ``step`` and the micro-batches' moments
+      ``acc_count``, ``acc_mean``, ``acc_m2``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -146,6 +152,7 @@ class BatchNorm(nn.Module):
   renorm: Renorm | None = None
   ema_warmup: bool = False
   running_var: str = "biased"
+  accumulate_steps: int = 1
 
   @nn.compact
   def __call__(
@@ -167,7 +174,7 @@ class BatchNorm(nn.Module):
     )
     options = _shell.options_of(self)
     shape = _shell.feature_shape(x, self.axis)
-    init = _shell.initial_state(shape, self.param_dtype)
+    init = _shell.initial_state(shape, self.param_dtype, self.accumulate_steps)
     mean = self.variable("batch_stats", "mean", lambda: init.mean)
     var = self.variable("batch_stats", "var", lambda: init.var)
     count = step = None
@@ -175,6 +182,12 @@ class BatchNorm(nn.Module):
       count = self.variable("batch_stats", "count", lambda: init.count)
     if _shell.needs_step(options):
       step = self.variable("batch_stats", "step", lambda: init.step)
+    acc = None
+    if _shell.needs_accumulator(options):
+      acc = [
+        self.variable("batch_stats", f"acc_{name}", lambda t=t: t)
+        for name, t in zip(init.acc._fields, init.acc, strict=True)
+      ]
 
     if self.use_scale:
       scale = self.param("scale", self.scale_init, shape, self.param_dtype)
@@ -191,6 +204,8 @@ class BatchNorm(nn.Module):
       state = state._replace(count=count.value)
     if step is not None:
       state = state._replace(step=step.value)
+    if acc is not None:
+      state = state._replace(acc=numerics.Moments(*(v.value for v in acc)))
     initializing = self.is_initializing()
     y, new = _shell.normalize(
       BNParams(scale=scale, bias=bias),
@@ -207,6 +222,9 @@ class BatchNorm(nn.Module):
         count.value = new.count
       if step is not None:
         step.value = new.step
+      if acc is not None and isinstance(new, BNAccState):
+        for v, t in zip(acc, new.acc, strict=True):
+          v.value = t
     return y if self.dtype is None else y.astype(self.dtype)
 
 
@@ -318,7 +336,8 @@ def linen_population_stats(
         scale=mod.get_variable("params", "scale") if mod.use_scale else ones,
         bias=mod.get_variable("params", "bias") if mod.use_bias else zeros,
       )
-      options = _shell.options_of(mod)._replace(**bn_kwargs)
+      # One update per batch, whatever the layer accumulates in training.
+      options = _shell.options_of(mod)._replace(**bn_kwargs, accumulate_steps=1)
       y, new[key] = _shell.normalize(
         params, states[key], args[0], options, use_running_average=False, mask=kwargs.get("mask")
       )

@@ -26,6 +26,8 @@ from flax.nnx.nn import dtypes
 from flax.nnx.nn import initializers
 
 from jaxbn import _shell
+from jaxbn import numerics
+from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
@@ -53,8 +55,10 @@ class BatchNorm(nnx.Module):
   ``bias`` (``nnx.Param`` in ``param_dtype``, or ``None`` when ``use_scale`` /
   ``use_bias`` is False).
   Only when the configuration needs them: ``count`` (``nnx.BatchStat``,
-  float32) with ``momentum=None`` or ``ema_warmup=True``, and ``step``
-  (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule.
+  float32) with ``momentum=None`` or ``ema_warmup=True``; ``step``
+  (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule or
+  ``accumulate_steps > 1``; with ``accumulate_steps > 1`` also ``acc_count``,
+  ``acc_mean``, ``acc_m2`` (the micro-batches' moments since the last update).
 
   ``use_fast_variance`` and ``promote_dtype`` are accepted for compatibility
   and have no effect: the statistics are always two-pass in at least float32
@@ -87,6 +91,10 @@ class BatchNorm(nnx.Module):
     ema_warmup: count-aware running average (see :func:`jaxbn.bn_train`).
     running_var: ``"biased"`` (flax's) or ``"unbiased"`` (PyTorch's running
       variance, ``n / (n - 1)`` times the batch variance).
+    accumulate_steps: micro-batches per update of the running statistics
+      (gradient accumulation, see :func:`jaxbn.bn_train`); above 1 the layer
+      also holds ``step`` and the micro-batches' moments ``acc_count``,
+      ``acc_mean``, ``acc_m2``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -132,6 +140,7 @@ class BatchNorm(nnx.Module):
     renorm: Renorm | None = None,
     ema_warmup: bool = False,
     running_var: str = "biased",
+    accumulate_steps: int = 1,
   ):
     if isinstance(num_features, (int, np.integer)):
       shape = (int(num_features),)
@@ -153,12 +162,17 @@ class BatchNorm(nnx.Module):
       renorm=renorm,
       ema_warmup=ema_warmup,
       running_var=running_var,
+      accumulate_steps=accumulate_steps,
     )
-    init = _shell.initial_state(shape, param_dtype)
+    init = _shell.initial_state(shape, param_dtype, accumulate_steps)
     self.mean = nnx.BatchStat(init.mean)
     self.var = nnx.BatchStat(init.var)
     self.count = nnx.data(nnx.BatchStat(init.count) if _shell.needs_count(options) else None)
     self.step = nnx.data(nnx.BatchStat(init.step) if _shell.needs_step(options) else None)
+    acc = init.acc if _shell.needs_accumulator(options) else None
+    self.acc_count = nnx.data(None if acc is None else nnx.BatchStat(acc.count))
+    self.acc_mean = nnx.data(None if acc is None else nnx.BatchStat(acc.mean))
+    self.acc_m2 = nnx.data(None if acc is None else nnx.BatchStat(acc.m2))
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
@@ -188,6 +202,7 @@ class BatchNorm(nnx.Module):
     self.renorm = renorm
     self.ema_warmup = ema_warmup
     self.running_var = running_var
+    self.accumulate_steps = accumulate_steps
 
   def __call__(
     self,
@@ -227,6 +242,8 @@ class BatchNorm(nnx.Module):
         self.count[...] = new.count
       if self.step is not None:
         self.step[...] = new.step
+      if self.acc_count is not None and isinstance(new, BNAccState):
+        self.acc_count[...], self.acc_mean[...], self.acc_m2[...] = new.acc
     return y if self.dtype is None else y.astype(self.dtype)
 
   def set_view(self, use_running_average: bool | None = None):
@@ -258,6 +275,9 @@ def params_and_state(bn: BatchNorm) -> tuple[BNParams, BNState]:
     state = state._replace(count=bn.count[...])
   if bn.step is not None:
     state = state._replace(step=bn.step[...])
+  if bn.acc_count is not None and bn.accumulate_steps != 1:
+    acc = numerics.Moments(bn.acc_count[...], bn.acc_mean[...], bn.acc_m2[...])
+    state = BNAccState(*state, acc=acc)
   return params, state
 
 
@@ -315,7 +335,8 @@ def nnx_population_stats(
   layers = bn_layers(model)
   if not layers:
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
-  states = {k: params_and_state(bn)[1] for k, bn in layers.items()}
+  # The running statistics alone: population_stats updates each once per batch.
+  states = {k: BNState(*params_and_state(bn)[1][:4]) for k, bn in layers.items()}
   graphdef, nnx_state = nnx.split(model)
 
   def forward(nnx_state, states, x, **bn_kwargs):
@@ -327,6 +348,7 @@ def nnx_population_stats(
       # The copy keeps the count and step even where the model does not.
       bn.count, bn.step = nnx.BatchStat(s.count), nnx.BatchStat(s.step)
       bn.use_running_average = False
+      bn.accumulate_steps = 1  # one update per batch, whatever the layer accumulates
       for name, value in bn_kwargs.items():
         setattr(bn, name, value)
     out = copy(x, **call_kwargs)

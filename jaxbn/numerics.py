@@ -212,6 +212,7 @@ def shifted_moments(
   axis_index_groups: Any = None,
   dtype: Any = None,
   floor: Any = 0.0,
+  always_refine: bool = False,
 ) -> Shifted:
   """Moments of ``x`` over ``axes``, one pass from ``shift``, two when it is far.
 
@@ -240,6 +241,10 @@ def shifted_moments(
     dtype: the dtype to compute in (default ``stat_dtype(x.dtype)``).
     floor: variance below which a shift's distance does not matter (see
       :func:`needs_refinement`).
+    always_refine: take the second pass unconditionally, with no predicate.
+      For groups of values that must not be joined across devices (ghost
+      batches within each device's rows under a batch-sharded ``jit``): the
+      predicate, one scalar for every group, would need a collective.
 
   Returns:
     :class:`Shifted` with the reduced axes kept; ``shift`` is the reference
@@ -270,6 +275,8 @@ def shifted_moments(
   def keep(st: Shifted) -> Shifted:
     return st._replace(shift=st.shift + jnp.zeros_like(st.delta))
 
+  if always_refine:
+    return refine(st)
   return jax.lax.cond(needs_refinement(st, floor), refine, keep, st)
 
 

@@ -402,7 +402,8 @@ def test_checkpoint_restore_and_continue_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_data_parallel_equals_single_device_on_the_global_batch(kind):
+@pytest.mark.parametrize("how", ["jit", "shard_map"])
+def test_data_parallel_equals_single_device_on_the_global_batch(kind, how):
   assert jax.device_count() == 8
   mesh = training.data_parallel_mesh()
   rng = np.random.default_rng(0)
@@ -418,8 +419,11 @@ def test_data_parallel_equals_single_device_on_the_global_batch(kind):
     x = rng.uniform(size=(32, 4, 4, 1)).astype(np.float32)
   y = rng.integers(0, 4, len(x)).astype(np.int32)
   single = training.create_train_state(make(), optax.adam(1e-2), x[:1])
-  parallel = single.replace(apply_fn=make(axis_name="batch").apply)
-  step = training.data_parallel_train_step(mesh)
+  if how == "jit":  # the same model, its batch sharded
+    parallel, step = single, training.data_parallel_train_step(mesh)
+  else:  # batch norm that names the mesh axis, under shard_map
+    parallel = single.replace(apply_fn=make(axis_name="batch").apply)
+    step = training.shard_map_train_step(mesh)
   for t in range(3):
     batch = (x[::-1], y[::-1]) if t % 2 else (x, y)
     single, m_single = training.train_step(single, batch)

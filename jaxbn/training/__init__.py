@@ -17,10 +17,20 @@ models of :mod:`jaxbn.models`, or any flax model using
   and bias) and :func:`freeze_bn_affine` (stop training them);
 - :mod:`~jaxbn.training.checkpoints`: :func:`save_checkpoint` /
   :func:`restore_checkpoint` (orbax);
-- :mod:`~jaxbn.training.parallel`: :func:`data_parallel_mesh` /
-  :func:`data_parallel_train_step`, the batch sharded over all devices (of
-  every process), batch norm synchronized through ``axis_name`` under
-  ``jax.shard_map``.
+- :mod:`~jaxbn.training.parallel`: :func:`data_parallel_mesh`,
+  :func:`global_batch` (the global batch from each process's rows) and
+  :func:`data_parallel_train_step`: :func:`train_step` under ``jax.jit``
+  with the batch sharded over all devices (of every process); batch norm
+  needs no ``axis_name`` for the statistics of the global batch.
+  :func:`shard_map_train_step` runs models whose batch norm names the mesh
+  axis under ``jax.shard_map``.
+
+Gradient accumulation: ``optax.MultiSteps(opt, every_k_schedule=k)`` as
+``tx`` and a model whose batch norm has ``accumulate_steps=k``
+(``BNOptions(accumulate_steps=k)`` for :mod:`jaxbn.models`): each call of
+:func:`train_step` on a micro-batch normalizes it by its own statistics, and
+every ``k``-th call updates the parameters (MultiSteps) and the running
+statistics (once, with the statistics of the ``k`` micro-batches together).
 
 Fine-tuning freezes batch norm with three independent switches:
 ``use_running_average=True`` (normalize with the running statistics),
@@ -40,6 +50,8 @@ from jaxbn.training.masks import bn_weight_decay_mask
 from jaxbn.training.masks import freeze_bn_affine
 from jaxbn.training.parallel import data_parallel_mesh
 from jaxbn.training.parallel import data_parallel_train_step
+from jaxbn.training.parallel import global_batch
+from jaxbn.training.parallel import shard_map_train_step
 from jaxbn.training.state import TrainState
 from jaxbn.training.state import create_train_state
 from jaxbn.training.state import eval_step
@@ -58,7 +70,9 @@ __all__ = (
   "evaluate",
   "fit",
   "freeze_bn_affine",
+  "global_batch",
   "restore_checkpoint",
   "save_checkpoint",
+  "shard_map_train_step",
   "train_step",
 )

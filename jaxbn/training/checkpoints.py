@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 
@@ -25,6 +26,9 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState) -> None:
     directory: an absolute path, created; it must not exist yet.
     state: the :class:`TrainState` (``apply_fn`` and ``tx`` are code, not
       saved: :func:`restore_checkpoint` takes them from a template).
+
+  With several processes every process calls it with the same global state
+  and the same directory (each writes the shards it holds).
   """
   import orbax.checkpoint as ocp
 
@@ -32,7 +36,9 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState) -> None:
     ckptr.save(os.fspath(directory), _saved(state))
 
 
-def restore_checkpoint(directory: str | os.PathLike, template: TrainState) -> TrainState:
+def restore_checkpoint(
+  directory: str | os.PathLike, template: TrainState, *, sharding: Any = None
+) -> TrainState:
   """Restores a state saved by :func:`save_checkpoint`.
 
   Args:
@@ -40,6 +46,11 @@ def restore_checkpoint(directory: str | os.PathLike, template: TrainState) -> Tr
     template: a :class:`TrainState` of the same model and optimizer (e.g. from
       :func:`create_train_state`); gives the structure, shapes and dtypes and
       the ``apply_fn`` and ``tx``.
+    sharding: where to put every restored array, e.g.
+      ``NamedSharding(mesh, P())`` for a state replicated over a mesh that
+      spans several processes (every process calls this then); default: the
+      template's own shardings. A checkpoint saved by any number of processes
+      restores onto any mesh.
 
   Returns:
     The restored :class:`TrainState`, bit-identical to the saved one.
@@ -57,7 +68,11 @@ def restore_checkpoint(directory: str | os.PathLike, template: TrainState) -> Tr
   """
   import orbax.checkpoint as ocp
 
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved(template))
+  def target_of(x):
+    t = ocp.utils.to_shape_dtype_struct(x)
+    return t if sharding is None else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding)
+
+  target = jax.tree.map(target_of, _saved(template))
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(os.fspath(directory), target)
   # orbax gives back plain containers where the template had optax's

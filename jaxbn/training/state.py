@@ -155,6 +155,11 @@ def train_step(
   Returns:
     ``(new_state, {'loss': ..., 'accuracy': ...})`` (scalars of this batch).
 
+  The same step runs on sharded arrays: with the batch split over devices
+  (a ``NamedSharding``, e.g. :func:`global_batch`) and the state replicated,
+  the loss and batch norm's statistics are those of the global batch
+  (:func:`data_parallel_train_step` places both).
+
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> from jaxbn import models, training
