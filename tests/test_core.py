@@ -253,8 +253,12 @@ def test_infer_does_not_depend_on_the_batch():
   params, state = _random_params(jax.random.key(3), (5,))
   x = jax.random.normal(jax.random.key(4), (16, 5))
   full = jaxbn.bn_infer(params, state, x)
+  # One row and 16 rows compile to different loops (vector widths, fused
+  # multiply-adds): the same result to float32 rounding, not bit for bit.
+  tol = 4 * np.finfo(np.float32).eps
   for i in (0, 7, 15):
-    np.testing.assert_array_equal(jaxbn.bn_infer(params, state, x[i : i + 1]), full[i : i + 1])
+    row = jaxbn.bn_infer(params, state, x[i : i + 1])
+    np.testing.assert_allclose(row, full[i : i + 1], rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------- mask
