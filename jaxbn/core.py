@@ -667,7 +667,9 @@ def bn_train(
   _check_options(fn, momentum, epsilon, running_var)
   mask = None if mask is None else _check_mask(fn, mask, x)
 
+  ghost_axis = None
   if ghost_batch_size is not None:
+    ghost_axis = lay.reduction_axes[0]  # after the split: one entry per ghost batch
     x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
 
   group = 1 if axis_name is None else _group_size(axis_name, axis_index_groups)
@@ -723,6 +725,8 @@ def bn_train(
   if single:
     return y, state._replace(step=(state.step + 1).astype(state.step.dtype))
   m = jax.lax.stop_gradient(numerics.Shifted(count, shift, delta, m2).moments())
+  if ghost_axis is not None:  # ghost batches first, even where a feature axis comes before
+    m = numerics.Moments(*(jnp.moveaxis(t, ghost_axis, 0) for t in m))
   batch = numerics.Moments(*(t.reshape(-1, *feature_shape) for t in m))
   if batch.count.shape[0] > 1:  # ghost batches: the whole batch's moments
     batch = numerics.merge_stacked(batch, 0)
