@@ -611,7 +611,7 @@ def bn_train(
       applied to their ``x`` (normalized with the valid positions'
       statistics); their gradient flows through that map only. A feature with
       no valid position keeps its running statistics and is normalized with
-      mean 0 and variance 0.
+      its running mean and variance 0.
     ghost_batch_size: split the batch (the first non-feature axis) into
       contiguous virtual batches of this size, each normalized with its own
       statistics (Hoffer et al. 2017). The running statistics are updated with
