@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,12 +288,37 @@ def _layout(fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...]) -> _L
   return _Layout(feature_axes, reduction_axes, bshape)
 
 
+class StateMismatchError(ValueError):
+  """``params`` and ``state`` of different shapes: they come from different layers."""
+
+
 def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, ...]:
-  shape = tuple(state.mean.shape)
-  msg = f"{fn}: params and state must come from one bn_init call"
-  chex.assert_equal_shape([state.mean, state.var, state.count], custom_message=msg)
+  if isinstance(state, BNParams) or isinstance(params, BNState):
+    raise TypeError(
+      f"{fn}: params and state are swapped (got params: {type(params).__name__}, state: "
+      f"{type(state).__name__}); pass them in the order bn_init returns them: "
+      f"{fn}(params, state, x)."
+    )
+  fields = {"state": ("mean", "var", "count", "step")}
   if params is not None:
-    chex.assert_equal_shape([params.scale, params.bias, state.mean], custom_message=msg)
+    fields["params"] = ("scale", "bias")
+  for role, names in fields.items():
+    tree = state if role == "state" else params
+    if not all(hasattr(tree, n) for n in names):
+      want = "BNState (mean, var, count, step)" if role == "state" else "BNParams (scale, bias)"
+      raise TypeError(
+        f"{fn}: {role} must be a jaxbn.{want}, from bn_init; got {type(tree).__name__}."
+      )
+  arrays = {f"state.{n}": getattr(state, n) for n in ("mean", "var", "count")}
+  if params is not None:
+    arrays = {"params.scale": params.scale, "params.bias": params.bias, **arrays}
+  shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+  if len(set(shapes.values())) > 1:
+    raise StateMismatchError(
+      f"{fn}: params and state must come from one bn_init call (one layer), but their "
+      f"shapes differ: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + "."
+    )
+  shape = tuple(state.mean.shape)
   dtypes = {jnp.dtype(t.dtype) for t in (state.mean, state.var, state.count)}
   if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)}:
     raise TypeError(
@@ -539,6 +563,15 @@ def _check_options(fn: str, momentum: Any, epsilon: Any, running_var: str) -> No
     raise ValueError(f"{fn}: running_var must be 'biased' or 'unbiased', got {running_var!r}.")
 
 
+def _input(x: Any) -> Any:
+  """A NumPy input as a JAX array, cast once at the boundary as flax does.
+
+  NumPy's default float64 becomes float32 unless x64 is enabled, without the
+  truncation warnings that each later ``astype`` would print.
+  """
+  return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
+
+
 def _compute_dtype(x: Array, state: BNState) -> jnp.dtype:
   """The wider of the input's statistics dtype and the state's."""
   a, b = numerics.stat_dtype(x.dtype), jnp.dtype(state.mean.dtype)
@@ -662,6 +695,7 @@ def bn_train(
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1.
   """
   fn = "bn_train"
+  x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
   _check_options(fn, momentum, epsilon, running_var)
@@ -688,9 +722,11 @@ def bn_train(
     warnings.warn(
       f"{fn}: x of shape {x.shape} gives 1 value per feature ({where}): the batch "
       f"variance is 0, every output is `bias`, and the running statistics are left "
-      f"unchanged. Train on batches of at least 2 values per feature; for "
-      f"per-example calls under vmap, pass axis_name so that the statistics are "
-      f"those of the whole batch.",
+      f"unchanged. To predict, use evaluation mode, which normalizes with the "
+      f"running statistics: model.eval() in flax.nnx, use_running_average=True in "
+      f"flax.linen, bn_infer in the core. To train, use batches of at least 2 values "
+      f"per feature; for per-example calls under vmap, pass axis_name so that the "
+      f"statistics are those of the whole batch.",
       SingleValueWarning,
       stacklevel=2,
     )
@@ -804,6 +840,7 @@ def bn_infer(
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 2.
   """
   fn = "bn_infer"
+  x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
   _check_options(fn, None, epsilon, "biased")

@@ -133,7 +133,19 @@ def data_parallel_train_step(
 
     return jax.tree.map(leaf, tree)
 
+  # The rows this process gives: split over its own devices of the mesh.
+  local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
   def run(state, batch):
+    for leaf in jax.tree.leaves(batch):
+      glob = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+      n, k = np.shape(leaf)[0], (mesh.size if glob else local)
+      if n % k:
+        raise ValueError(
+          f"data_parallel_train_step: a batch of {n} examples cannot be split evenly over "
+          f"the {k} devices of the mesh axis {axis_name!r}; use a batch size divisible by "
+          f"{k} (fit's batch_size, e.g. {max(k, n - n % k)})."
+        )
     return sharded(place(state, replicated), place(batch, split))
 
   return run
