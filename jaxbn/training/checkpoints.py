@@ -44,7 +44,7 @@ def _is_late_tensorstore_callback(exc_type, exc, tb) -> bool:
   # schedule its callback and is printed through sys.excepthook.
   if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
     return False
-  frames = [f.name for f, _ in traceback.walk_tb(tb)]
+  frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
   return "call_soon_threadsafe" in frames
 
 
