@@ -64,10 +64,10 @@ def axis_bound(axis_name: Any) -> bool:
   return True
 
 
-def _single_value_error(fn: str, x: Any, caught: list[warnings.WarningMessage]) -> ValueError:
+def _single_value_message(fn: str, x: Any, caught: list[warnings.WarningMessage]) -> str:
   shapes = [jnp.shape(a) for a in jax.tree.leaves(x)]
   size = shapes[0][0] if shapes and shapes[0] else 1
-  return ValueError(
+  return (
     f"{fn}: a batch of {size} example(s) (input shape {shapes[0] if shapes else ()}) gives a "
     f"batch-norm layer 1 value per feature in the training-mode forward: its output is "
     f"`bias`, so the layers after it would see other activations than in training, and "
@@ -268,16 +268,21 @@ def population_stats(
   except TypeError:  # an unhashable callable: compile for this call only
     batch_states, accumulate, checked, small = _compiled.__wrapped__(forward, treedef)
 
+  def signature(tree):
+    return tuple((jnp.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(tree))
+
+  params_signature = signature(params)
+
   def run(probes, x):
     """batch_states, refusing a batch that gives some layer one value per feature.
 
     bn_train warns about that while tracing, so the verdict is kept per input
     signature (the compiled program does not trace again).
     """
-    key = str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), (params, x)))
+    key = (params_signature, signature(x))
     if key in small:
       if small[key] is not None:
-        raise small[key]
+        raise ValueError(small[key])
       return batch_states(params, probes, x)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", SingleValueWarning)
@@ -296,9 +301,9 @@ def population_stats(
     for w in caught:  # anything else goes on to the caller
       if w not in single:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    small[key] = _single_value_error(fn, x, single) if single else None
+    small[key] = _single_value_message(fn, x, single) if single else None
     if single:
-      raise small[key]
+      raise ValueError(small[key])
     return new
 
   probes = [_probe(s, 1.0) for s in leaves]
