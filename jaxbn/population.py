@@ -73,7 +73,7 @@ def _single_value_message(fn: str, x: Any, caught: list[warnings.WarningMessage]
     f"`bias`, so the layers after it would see other activations than in training, and "
     f"the statistics would not be the model's. Pass batches of the size the model was "
     f"trained with (at least 2 values per feature in every layer), e.g. group the examples "
-    f"into batches first. ({caught[0].message})"
+    f"into batches first. ({str(caught[0].message).split(': the batch variance')[0]}.)"
   )
 
 

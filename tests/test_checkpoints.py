@@ -123,7 +123,10 @@ def test_missing_checkpoint(tmp_path):
 @pytest.mark.parametrize(
   "template, differs",
   [
-    (lambda: _state(features=(5,)), r"params/Dense_0/kernel: checkpoint float32\[3, 4\], "),
+    (
+      lambda: _state(features=(5,)),
+      r"BatchNorm_0/mean: checkpoint float32\[4\], template float32\[5\]",
+    ),
     (lambda: _state(features=(4, 4)), "batch_stats/BatchNorm_1/mean: checkpoint absent"),
     (lambda: _state(tx=optax.sgd(0.1)), "opt_state/0/count: checkpoint int32"),
   ],

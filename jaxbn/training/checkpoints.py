@@ -163,6 +163,8 @@ def _mismatch(saved: dict, wanted: dict) -> list[str]:
       continue
     fmt = lambda s: "absent" if s is None else f"{s[1]}{list(s[0])}"
     lines.append(f"  {key}: checkpoint {fmt(have)}, template {fmt(want)}")
+  if len(lines) > 12:  # enough to see which layers differ
+    lines = [*lines[:10], f"  ... and {len(lines) - 10} more"]
   return lines
 
 
