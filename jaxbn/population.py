@@ -77,6 +77,10 @@ def _single_value_message(fn: str, x: Any, caught: list[warnings.WarningMessage]
   )
 
 
+def _shapes_and_dtypes(tree: Any) -> tuple:
+  return tuple((jnp.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(tree))
+
+
 def _is_state(t: Any) -> bool:
   return isinstance(t, BNState)
 
@@ -268,10 +272,7 @@ def population_stats(
   except TypeError:  # an unhashable callable: compile for this call only
     batch_states, accumulate, checked, small = _compiled.__wrapped__(forward, treedef)
 
-  def signature(tree):
-    return tuple((jnp.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(tree))
-
-  params_signature = signature(params)
+  params_signature = _shapes_and_dtypes(params)
 
   def run(probes, x):
     """batch_states, refusing a batch that gives some layer one value per feature.
@@ -279,7 +280,7 @@ def population_stats(
     bn_train warns about that while tracing, so the verdict is kept per input
     signature (the compiled program does not trace again).
     """
-    key = (params_signature, signature(x))
+    key = (params_signature, _shapes_and_dtypes(x))
     if key in small:
       if small[key] is not None:
         raise ValueError(small[key])
