@@ -22,6 +22,7 @@ from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import SingleValueWarning
+from jaxbn.core import StateMismatchError
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_train
 from jaxbn.core import empty_accumulator
@@ -98,13 +99,30 @@ def normalize(
   use_running_average: bool,
   mask: jax.Array | None = None,
   initializing: bool = False,
+  where: str | None = None,
 ) -> tuple[jax.Array, BNState | None]:
   """``(y, new_state)`` in training, ``(y, None)`` with the running statistics.
+
+  ``where`` names the layer (its path in the model) in the error raised for
+  params and state of different shapes.
 
   While a module initializes, the named-axis collective is skipped (the axis
   need not exist yet) and no one-value-per-feature warning is raised (flax
   idioms initialize on a single example); the state is not updated then.
   """
+  if where is not None:
+    try:
+      return normalize(
+        params,
+        state,
+        x,
+        options,
+        use_running_average=use_running_average,
+        mask=mask,
+        initializing=initializing,
+      )
+    except StateMismatchError as e:
+      raise StateMismatchError(f"{where}: {e}") from None
   if use_running_average:
     return bn_infer(params, state, x, epsilon=options.epsilon, axis=options.axis), None
   kwargs = options._asdict()

@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -345,12 +344,39 @@ def _layout(fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...]) -> _L
   return _Layout(feature_axes, reduction_axes, bshape)
 
 
+class StateMismatchError(ValueError):
+  """``params`` and ``state`` of different shapes: they come from different layers."""
+
+
 def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, ...]:
-  shape = tuple(state.mean.shape)
-  msg = f"{fn}: params and state must come from one bn_init call"
-  chex.assert_equal_shape([state.mean, state.var, state.count], custom_message=msg)
+  if isinstance(state, BNParams) or isinstance(params, (BNState, BNAccState)):
+    raise TypeError(
+      f"{fn}: params and state are swapped (got params: {type(params).__name__}, state: "
+      f"{type(state).__name__}); pass them in the order bn_init returns them: "
+      f"{fn}(params, state, x)."
+    )
+  fields = {"state": ("mean", "var", "count", "step")}
   if params is not None:
-    chex.assert_equal_shape([params.scale, params.bias, state.mean], custom_message=msg)
+    fields["params"] = ("scale", "bias")
+  for role, names in fields.items():
+    tree = state if role == "state" else params
+    if not all(hasattr(tree, n) for n in names):
+      want = "BNState (mean, var, count, step)" if role == "state" else "BNParams (scale, bias)"
+      raise TypeError(
+        f"{fn}: {role} must be a jaxbn.{want}, from bn_init; got {type(tree).__name__}."
+      )
+  arrays = {f"state.{n}": getattr(state, n) for n in ("mean", "var", "count")}
+  if isinstance(state, BNAccState):
+    arrays.update({f"state.acc.{n}": v for n, v in state.acc._asdict().items()})
+  if params is not None:
+    arrays = {"params.scale": params.scale, "params.bias": params.bias, **arrays}
+  shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+  if len(set(shapes.values())) > 1:
+    raise StateMismatchError(
+      f"{fn}: params and state must come from one bn_init call (one layer), but their "
+      f"shapes differ: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + "."
+    )
+  shape = tuple(state.mean.shape)
   dtypes = {jnp.dtype(t.dtype) for t in (state.mean, state.var, state.count)}
   if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)}:
     raise TypeError(
@@ -361,11 +387,6 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, 
     )
   if not jnp.issubdtype(jnp.result_type(state.step), jnp.integer):
     raise TypeError(f"{fn}: state.step must be an integer (int32), got {state.step.dtype}.")
-  if isinstance(state, BNAccState):
-    chex.assert_equal_shape(
-      [state.mean, *state.acc],
-      custom_message=f"{fn}: state.acc must hold per-feature moments like state.mean",
-    )
   return shape
 
 
@@ -619,6 +640,15 @@ def _check_options(fn: str, momentum: Any, epsilon: Any, running_var: str) -> No
     raise ValueError(f"{fn}: running_var must be 'biased' or 'unbiased', got {running_var!r}.")
 
 
+def _input(x: Any) -> Any:
+  """A NumPy input as a JAX array, cast once at the boundary as flax does.
+
+  NumPy's default float64 becomes float32 unless x64 is enabled, without the
+  truncation warnings that each later ``astype`` would print.
+  """
+  return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
+
+
 def _compute_dtype(x: Array, state: BNState) -> jnp.dtype:
   """The wider of the input's statistics dtype and the state's."""
   a, b = numerics.stat_dtype(x.dtype), jnp.dtype(state.mean.dtype)
@@ -692,7 +722,7 @@ def bn_train(
       applied to their ``x`` (normalized with the valid positions'
       statistics); their gradient flows through that map only. A feature with
       no valid position keeps its running statistics and is normalized with
-      mean 0 and variance 0.
+      its running mean and variance 0.
     ghost_batch_size: split the batch (the first non-feature axis) into
       contiguous virtual batches of this size, each normalized with its own
       statistics (Hoffer et al. 2017). The running statistics are updated with
@@ -757,6 +787,7 @@ def bn_train(
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1.
   """
   fn = "bn_train"
+  x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
   _check_options(fn, momentum, epsilon, running_var)
@@ -769,7 +800,9 @@ def bn_train(
       f"bn_init(..., accumulate_steps={accumulate_steps})."
     )
 
+  ghost_axis = None
   if ghost_batch_size is not None:
+    ghost_axis = lay.reduction_axes[0]  # after the split: one entry per ghost batch
     x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
 
   group = 1 if axis_name is None else _group_size(axis_name, axis_index_groups)
@@ -788,9 +821,11 @@ def bn_train(
     warnings.warn(
       f"{fn}: x of shape {x.shape} gives 1 value per feature ({where}): the batch "
       f"variance is 0, every output is `bias`, and the running statistics are left "
-      f"unchanged. Train on batches of at least 2 values per feature; for "
-      f"per-example calls under vmap, pass axis_name so that the statistics are "
-      f"those of the whole batch.",
+      f"unchanged. To predict, use evaluation mode, which normalizes with the "
+      f"running statistics: model.eval() in flax.nnx, use_running_average=True in "
+      f"flax.linen, bn_infer in the core. To train, use batches of at least 2 values "
+      f"per feature; for per-example calls under vmap, pass axis_name so that the "
+      f"statistics are those of the whole batch.",
       SingleValueWarning,
       stacklevel=2,
     )
@@ -828,6 +863,8 @@ def bn_train(
   if single and accumulate_steps == 1:
     return y, state._replace(step=(state.step + 1).astype(state.step.dtype))
   m = jax.lax.stop_gradient(numerics.Shifted(count, shift, delta, m2).moments())
+  if ghost_axis is not None:  # ghost batches first, even where a feature axis comes before
+    m = numerics.Moments(*(jnp.moveaxis(t, ghost_axis, 0) for t in m))
   batch = numerics.Moments(*(t.reshape(-1, *feature_shape) for t in m))
   if batch.count.shape[0] > 1:  # ghost batches: the whole batch's moments
     batch = numerics.merge_stacked(batch, 0)
@@ -945,6 +982,7 @@ def bn_infer(
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 2.
   """
   fn = "bn_infer"
+  x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
   _check_options(fn, None, epsilon, "biased")

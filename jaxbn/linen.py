@@ -34,6 +34,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.population import axis_bound
 from jaxbn.population import population_stats
 
 __all__ = ("BatchNorm", "linen_population_stats")
@@ -215,6 +216,7 @@ class BatchNorm(nn.Module):
       use_running_average=use_running_average,
       mask=mask,
       initializing=initializing,
+      where=f"jaxbn.linen.BatchNorm at {'/'.join(self.path) or '(top level)'!r}",
     )
     if new is not None:
       mean.value, var.value = new.mean, new.var
@@ -277,6 +279,9 @@ def linen_population_stats(
   (``momentum=None, renorm=None``), whatever the module's attributes and its
   ``use_running_average``: the layers see batch-normalized inputs as in
   training (Algorithm 2), and the statistics cannot be running averages.
+  An ``axis_name`` that is not bound where this runs (outside the mesh the
+  model was trained on) is dropped: each batch is whole, and the statistics
+  over all batches need no cross-device sum.
 
   Args:
     model: a ``flax.linen.Module``, e.g. :class:`jaxbn.models.MLP` or
@@ -338,6 +343,8 @@ def linen_population_stats(
       )
       # One update per batch, whatever the layer accumulates in training.
       options = _shell.options_of(mod)._replace(**bn_kwargs, accumulate_steps=1)
+      if options.axis_name is not None and not axis_bound(options.axis_name):
+        options = options._replace(axis_name=None, axis_index_groups=None)
       y, new[key] = _shell.normalize(
         params, states[key], args[0], options, use_running_average=False, mask=kwargs.get("mask")
       )

@@ -31,6 +31,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.population import axis_bound
 from jaxbn.population import population_stats
 
 __all__ = ("BatchNorm", "nnx_population_stats")
@@ -233,7 +234,13 @@ class BatchNorm(nnx.Module):
     )
     params, state = params_and_state(self)
     y, new = _shell.normalize(
-      params, state, x, _shell.options_of(self), use_running_average=use_running_average, mask=mask
+      params,
+      state,
+      x,
+      _shell.options_of(self),
+      use_running_average=use_running_average,
+      mask=mask,
+      where=f"jaxbn.nnx.BatchNorm of feature shape {self.feature_shape}",
     )
     if new is not None:
       self.mean[...] = new.mean
@@ -247,12 +254,11 @@ class BatchNorm(nnx.Module):
     return y if self.dtype is None else y.astype(self.dtype)
 
   def set_view(self, use_running_average: bool | None = None):
-    """Class method used by ``nnx.view`` (and ``.train()`` / ``.eval()``).
+    """Class method used by ``nnx.view``.
 
     Args:
-      use_running_average: if True, the stored running statistics are used
-        (evaluation); if False, the statistics of the input batch are used and
-        the running ones are updated (training).
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
@@ -351,6 +357,8 @@ def nnx_population_stats(
       bn.accumulate_steps = 1  # one update per batch, whatever the layer accumulates
       for name, value in bn_kwargs.items():
         setattr(bn, name, value)
+      if bn.axis_name is not None and not axis_bound(bn.axis_name):
+        bn.axis_name = bn.axis_index_groups = None  # whole batches: no cross-device sum
     out = copy(x, **call_kwargs)
     return out, {
       k: BNState(bn.mean[...], bn.var[...], bn.count[...], bn.step[...]) for k, bn in copies.items()

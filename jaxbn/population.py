@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from jaxbn import numerics
 from jaxbn.core import BNState
+from jaxbn.core import SingleValueWarning
 
 ESTIMATORS = ("exact", "paper")
 
@@ -44,6 +46,39 @@ ESTIMATORS = ("exact", "paper")
 # to every bn_train call: the exact cumulative update, and batch
 # renormalization off (its output depends on the running statistics).
 _OVERRIDES = {"momentum": None, "renorm": None}
+
+
+def axis_bound(axis_name: Any) -> bool:
+  """Whether every name in ``axis_name`` is bound here (inside vmap, shard_map, pmap).
+
+  The module adapters drop an unbound ``axis_name``: population statistics
+  run the model on whole batches, outside the mesh it was trained on, and the
+  statistics over all batches need no cross-device sum.
+  """
+  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  try:
+    for name in names:
+      jax.lax.axis_size(name)
+  except NameError:
+    return False
+  return True
+
+
+def _single_value_message(fn: str, x: Any, caught: list[warnings.WarningMessage]) -> str:
+  shapes = [jnp.shape(a) for a in jax.tree.leaves(x)]
+  size = shapes[0][0] if shapes and shapes[0] else 1
+  return (
+    f"{fn}: a batch of {size} example(s) (input shape {shapes[0] if shapes else ()}) gives a "
+    f"batch-norm layer 1 value per feature in the training-mode forward: its output is "
+    f"`bias`, so the layers after it would see other activations than in training, and "
+    f"the statistics would not be the model's. Pass batches of the size the model was "
+    f"trained with (at least 2 values per feature in every layer), e.g. group the examples "
+    f"into batches first. ({str(caught[0].message).split(': the batch variance')[0]}.)"
+  )
+
+
+def _shapes_and_dtypes(tree: Any) -> tuple:
+  return tuple((jnp.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(tree))
 
 
 def _is_state(t: Any) -> bool:
@@ -136,7 +171,7 @@ def _compiled(forward: Callable[..., Any], treedef: Any):
     average = [numerics.batch_average_add(a, m) for a, m in zip(average, moms, strict=True)]
     return exact, average
 
-  return batch_states, accumulate, set()
+  return batch_states, accumulate, set(), {}
 
 
 def population_stats(
@@ -202,8 +237,10 @@ def population_stats(
     A feature that received no value keeps its incoming mean and variance.
 
   Raises:
-    ValueError: unknown ``estimator``, no batch, or a ``forward`` that does
-      not follow the contract above.
+    ValueError: unknown ``estimator``, no batch, a ``forward`` that does
+      not follow the contract above, a batch so small that some layer gets
+      one value per feature (its training-mode output would be ``bias``), or
+      an ``axis_name`` that is not bound where the forward runs.
     TypeError: ``states`` has a leaf that is not a ``BNState``.
 
   Examples:
@@ -231,9 +268,44 @@ def population_stats(
   leaves, treedef = _flatten_states(fn, states)
 
   try:
-    batch_states, accumulate, checked = _compiled(forward, treedef)
+    batch_states, accumulate, checked, small = _compiled(forward, treedef)
   except TypeError:  # an unhashable callable: compile for this call only
-    batch_states, accumulate, checked = _compiled.__wrapped__(forward, treedef)
+    batch_states, accumulate, checked, small = _compiled.__wrapped__(forward, treedef)
+
+  params_signature = _shapes_and_dtypes(params)
+
+  def run(probes, x):
+    """batch_states, refusing a batch that gives some layer one value per feature.
+
+    bn_train warns about that while tracing, so the verdict is kept per input
+    signature (the compiled program does not trace again).
+    """
+    key = (params_signature, _shapes_and_dtypes(x))
+    if key in small:
+      if small[key] is not None:
+        raise ValueError(small[key])
+      return batch_states(params, probes, x)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", SingleValueWarning)
+      try:
+        new = batch_states(params, probes, x)
+      except NameError as e:
+        if "unbound axis name" not in str(e):
+          raise
+        raise ValueError(
+          f"{fn}: the forward's bn_train calls carry an axis_name that is not bound here "
+          f"({e}). Population statistics run on whole batches: call bn_train with "
+          f"axis_name=None in this forward, or run population_stats inside the "
+          f"shard_map/vmap that binds it."
+        ) from None
+    single = [w for w in caught if issubclass(w.category, SingleValueWarning)]
+    for w in caught:  # anything else goes on to the caller
+      if w not in single:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    small[key] = _single_value_message(fn, x, single) if single else None
+    if single:
+      raise ValueError(small[key])
+    return new
 
   probes = [_probe(s, 1.0) for s in leaves]
   zero = [numerics.Moments(*(jnp.zeros_like(s.mean) for _ in range(3))) for s in leaves]
@@ -244,13 +316,13 @@ def population_stats(
 
     batches = tqdm(batches, total=total, desc=fn, leave=False)
   for x in batches:
-    new = batch_states(params, probes, x)
+    new = run(probes, x)
     if seen == 0:
       signature = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), (params, probes, x))
       key = str(signature)  # shapes and dtypes; arrays' own hashes are not usable
       if key not in checked:
         other = [_probe(s, 2.0) for s in leaves]
-        _check_forward(fn, probes, new, batch_states(params, other, x))
+        _check_forward(fn, probes, new, run(other, x))
         checked.add(key)
     acc = accumulate(acc, new)
     seen += 1

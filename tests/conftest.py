@@ -13,3 +13,21 @@ import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Property tests: a fixed, derandomized budget by default (the same examples on
+# every run and machine); JAXBN_HYPOTHESIS_EXAMPLES=N draws N fresh examples
+# per property. No example database is written.
+from hypothesis import HealthCheck  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+_slow_ok = (HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large)
+settings.register_profile(
+  "ci", max_examples=100, derandomize=True, database=None, deadline=None,
+  suppress_health_check=_slow_ok, print_blob=True,
+)  # fmt: skip
+settings.register_profile(
+  "thorough",
+  max_examples=int(os.environ.get("JAXBN_HYPOTHESIS_EXAMPLES") or 0) or 1,
+  database=None, deadline=None, suppress_health_check=_slow_ok, print_blob=True,
+)  # fmt: skip
+settings.load_profile("thorough" if os.environ.get("JAXBN_HYPOTHESIS_EXAMPLES") else "ci")

@@ -158,7 +158,7 @@ def test_numpy_int_features_view_docs_and_one_example():
   bn = jbn.BatchNorm(np.int64(4), rngs=nnx.Rngs(0))
   assert bn.mean[...].shape == (4,)
   info = nnx.view_info(bn)
-  assert "stored running statistics" in info and "use_running_average" in info
+  assert "the stored batch statistics will be" in info and "use_running_average" in info
   # nnx.tabulate on one example, as flax's docs show it: a warning, no error,
   # and the running statistics are unchanged.
   model = nnx.Sequential(nnx.Linear(32, 4, rngs=nnx.Rngs(0)), jbn.BatchNorm(4, rngs=nnx.Rngs(1)))
@@ -166,3 +166,10 @@ def test_numpy_int_features_view_docs_and_one_example():
     table = nnx.tabulate(model, jnp.ones((1, 32)))
   assert "BatchNorm" in table
   np.testing.assert_array_equal(model.layers[1].var[...], np.ones(4))
+
+
+def test_view_info_describes_use_running_average_as_flax_does():
+  # flax's own docstring example of nnx.view_info prints this text for its BatchNorm.
+  ours = nnx.view_info(jbn.BatchNorm(3, rngs=nnx.Rngs(0)))
+  assert ours == nnx.view_info(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+  assert "the stored batch statistics will be" in ours

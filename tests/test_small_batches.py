@@ -87,10 +87,17 @@ def test_ghost_batches_leave_inference_unchanged():
   params, state, x = _setup(n=32)
   _, s_ghost = jaxbn.bn_train(params, state, x, ghost_batch_size=4)
   _, s_plain = jaxbn.bn_train(params, state, x)
+  # Two computations (per-ghost-batch moments merged, one whole-batch
+  # moment) of the same statistics: equal to float32 rounding, not bit for bit.
+  eps = np.finfo(np.float32).eps
   for a, b in zip(s_ghost, s_plain, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-  np.testing.assert_array_equal(
-    jaxbn.bn_infer(params, s_ghost, x), jaxbn.bn_infer(params, s_plain, x)
+    np.testing.assert_allclose(a, b, rtol=8 * eps)
+  # Statistics 8 ulps apart move (x - mean) / sqrt(var + eps) by a few ulps of |y|.
+  np.testing.assert_allclose(
+    jaxbn.bn_infer(params, s_ghost, x),
+    jaxbn.bn_infer(params, s_plain, x),
+    rtol=32 * eps,
+    atol=32 * eps,
   )
 
 

@@ -93,6 +93,7 @@ def apply_mlp(
   activation: Activation = "sigmoid",
   bn_options: BNOptions = BNOptions(),
   return_preactivations: bool = False,
+  **bn_kwargs: Any,
 ):
   """Logits of a plain-JAX MLP made by :func:`init_mlp`.
 
@@ -105,6 +106,10 @@ def apply_mlp(
     bn_options: the options of every batch norm (:class:`jaxbn.BNOptions`).
     return_preactivations: also return the tuple of every hidden layer's
       input to its activation.
+    **bn_kwargs: :class:`jaxbn.BNOptions` fields that override
+      ``bn_options`` (e.g. ``momentum``); so
+      ``functools.partial(apply_mlp, train=True)`` is a forward for
+      :func:`jaxbn.population_stats`.
 
   Returns:
     ``(logits, new_state)``, or ``(logits, new_state, preactivations)``.
@@ -119,7 +124,7 @@ def apply_mlp(
     ((2, 3), 1)
   """
   act = _activation(activation)
-  bn = bn_options
+  bn = bn_options._replace(**bn_kwargs)
   x = _flatten(x)
   new_state, pre = [], []
   for i, layer in enumerate(params["hidden"]):
@@ -211,10 +216,11 @@ def apply_cnn(
   train: bool,
   bn_options: BNOptions = BNOptions(),
   return_preactivations: bool = False,
+  **bn_kwargs: Any,
 ):
   """Logits of a plain-JAX CNN made by :func:`init_cnn` on NHWC images ``x``.
 
-  Args and returns as :func:`apply_mlp` (the activation is relu).
+  Args and returns as :func:`apply_mlp` (the activation is relu), ``**bn_kwargs`` included.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -224,7 +230,7 @@ def apply_cnn(
     >>> logits.shape
     (2, 10)
   """
-  bn = bn_options
+  bn = bn_options._replace(**bn_kwargs)
   new_state, pre = [], []
   for i, block in enumerate(params["conv"]):
     x = _conv(x, block["kernel"])

@@ -87,7 +87,27 @@ def global_batch(batch: Any, mesh: Mesh) -> Any:
     ((64, 3), True)
   """
   (axis,) = mesh.axis_names
+  _check_batch("global_batch", batch, mesh)
   return _place(batch, NamedSharding(mesh, P(axis)))
+
+
+def _check_batch(fn: str, batch: Any, mesh: Mesh) -> None:
+  """A clear error for a batch that the mesh's devices cannot share evenly.
+
+  A global array must divide over every device of the mesh; this process's
+  rows over its own devices of it.
+  """
+  (axis,) = mesh.axis_names
+  local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  for leaf in jax.tree.leaves(batch):
+    whole = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+    n, k = np.shape(leaf)[0], (mesh.size if whole else local)
+    if n % k:
+      raise ValueError(
+        f"{fn}: a batch of {n} examples cannot be split evenly over the {k} devices of the "
+        f"mesh axis {axis!r}; use a batch size divisible by {k} (fit's batch_size, e.g. "
+        f"{max(k, n - n % k)})."
+      )
 
 
 def _place(tree: Any, sharding: NamedSharding) -> Any:
@@ -171,6 +191,7 @@ def data_parallel_train_step(
   )
 
   def run(state, batch):
+    _check_batch("data_parallel_train_step", batch, mesh)
     state, batch = _place(state, replicated), _place(batch, split)
     try:
       with jax.set_mesh(mesh):
@@ -267,6 +288,7 @@ def shard_map_train_step(
   replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis_name))
 
   def run(state, batch):
+    _check_batch("shard_map_train_step", batch, mesh)
     return sharded(_place(state, replicated), _place(batch, split))
 
   return run
