@@ -292,27 +292,37 @@ def _temp_bytes(compiled) -> int | None:
     return None
 
 
-def bench(model_name: str, batch: int, reps: int, blocks: int) -> dict:
-  """Interleaved timing of the four norms in one model at one batch size."""
-  names = list(NORMS)
-  steps, state, consts = {}, {}, {}
-  for name in names:
-    compiled, args = build(model_name, NORMS[name], batch)
-    steps[name] = compiled
-    state[name], consts[name] = args[:3], args[3:]
-    for _ in range(2):  # warm up
-      out = compiled(*state[name], *consts[name])
-      jax.block_until_ready(out)
-      state[name] = out[:3]
-  times = {name: [] for name in names}
-  for r in range(reps):
+def interleaved_times(steps: dict, args: dict, reps: int) -> dict[str, list[float]]:
+  """Seconds per call of each compiled train step, run in rotating order.
+
+  ``steps[name]`` is a compiled ``step(params, batch_stats, opt_state, x,
+  labels)`` returning the first three updated; ``args[name]`` its initial
+  arguments. Each step is warmed up twice; then every round runs each step
+  once, starting from a different one, so that all see the same load.
+  """
+  names = list(steps)
+  state = {n: args[n][:3] for n in names}
+  consts = {n: args[n][3:] for n in names}
+  times = {n: [] for n in names}
+  for r in range(-2 * len(names), reps):  # the first rounds warm up
     k = r % len(names)
     for name in names[k:] + names[:k]:
       t0 = time.perf_counter()
       out = steps[name](*state[name], *consts[name])
       jax.block_until_ready(out)
-      times[name].append(time.perf_counter() - t0)
+      if r >= 0:
+        times[name].append(time.perf_counter() - t0)
       state[name] = out[:3]
+  return times
+
+
+def bench(model_name: str, batch: int, reps: int, blocks: int) -> dict:
+  """Interleaved timing of the four norms in one model at one batch size."""
+  names = list(NORMS)
+  steps, args = {}, {}
+  for name in names:
+    steps[name], args[name] = build(model_name, NORMS[name], batch)
+  times = interleaved_times(steps, args, reps)
 
   med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
   # Overhead: the median over rounds of (step - identity step) in the same

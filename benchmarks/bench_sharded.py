@@ -151,7 +151,7 @@ def _layer_steps(shape, mesh):
 def _resnet(batch, mesh, reps, blocks):
   sharded = NamedSharding(mesh, P("data"))
   names = ["jaxbn", "flax", "identity"]
-  steps, state, consts, texts = {}, {}, {}, {}
+  steps, inputs, texts = {}, {}, {}
   for name in names:
     spec = bench_models.MODELS["resnet18"]
     model = spec.cls(norm=bench_models.NORMS[name])
@@ -163,21 +163,8 @@ def _resnet(batch, mesh, reps, blocks):
     tx = optax.sgd(0.1, momentum=0.9)
     args = (params, stats, tx.init(params), x, labels)
     compiled = jax.jit(bench_models.make_train_step(model, tx)).lower(*args).compile()
-    steps[name], texts[name] = compiled, compiled.as_text()
-    state[name], consts[name] = args[:3], args[3:]
-    for _ in range(2):
-      out = compiled(*state[name], *consts[name])
-      jax.block_until_ready(out)
-      state[name] = out[:3]
-  times = {n: [] for n in names}
-  for r in range(reps):
-    k = r % len(names)
-    for name in names[k:] + names[:k]:
-      t0 = time.perf_counter()
-      out = steps[name](*state[name], *consts[name])
-      jax.block_until_ready(out)
-      times[name].append(time.perf_counter() - t0)
-      state[name] = out[:3]
+    steps[name], texts[name], inputs[name] = compiled, compiled.as_text(), args
+  times = bench_models.interleaved_times(steps, inputs, reps)
   diff = {
     n: [(a - b) * 1e3 for a, b in zip(times[n], times["identity"], strict=True)] for n in names
   }

@@ -228,7 +228,7 @@ def shard_map_train_step(
   is replicated.
 
   Batch norm with ``axis_name`` equal to the mesh's axis name (e.g.
-  ``models.MLP(axis_name='batch')``) normalizes with the statistics of the
+  ``models.MLP(bn_options=BNOptions(axis_name='batch'))``) normalizes with the statistics of the
   global batch, merged exactly by count: the result equals
   :func:`train_step` on the whole batch on one device (up to float
   rounding). Batch norm without ``axis_name`` (jaxbn's or flax's) trains as
