@@ -110,21 +110,18 @@ def normalize(
   need not exist yet) and no one-value-per-feature warning is raised (flax
   idioms initialize on a single example); the state is not updated then.
   """
-  if where is not None:
-    try:
-      return normalize(
-        params,
-        state,
-        x,
-        options,
-        use_running_average=use_running_average,
-        mask=mask,
-        initializing=initializing,
-      )
-    except StateMismatchError as e:
-      raise StateMismatchError(f"{where}: {e}") from None
-  if use_running_average:
-    return bn_infer(params, state, x, epsilon=options.epsilon, axis=options.axis), None
+  try:
+    if use_running_average:
+      return bn_infer(params, state, x, epsilon=options.epsilon, axis=options.axis), None
+    return _train(params, state, x, options, mask, initializing)
+  except StateMismatchError as e:
+    if where is None:
+      raise
+    raise StateMismatchError(f"{where}: {e}") from None
+
+
+def _train(params, state, x, options, mask, initializing):
+  """``bn_train``; while initializing, local and silent, and no new state."""
   kwargs = options._asdict()
   if not initializing:
     return bn_train(params, state, x, mask=mask, **kwargs)

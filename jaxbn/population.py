@@ -272,7 +272,9 @@ def population_stats(
   except TypeError:  # an unhashable callable: compile for this call only
     batch_states, accumulate, checked, small = _compiled.__wrapped__(forward, treedef)
 
-  params_signature = _shapes_and_dtypes(params)
+  # Shapes and dtypes of what the compiled forward depends on besides x: with
+  # x's, the key of its verdicts (one value per feature; the contract check).
+  params_signature = _shapes_and_dtypes((params, leaves))
 
   def run(probes, x):
     """batch_states, refusing a batch that gives some layer one value per feature.
@@ -318,8 +320,7 @@ def population_stats(
   for x in batches:
     new = run(probes, x)
     if seen == 0:
-      signature = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), (params, probes, x))
-      key = str(signature)  # shapes and dtypes; arrays' own hashes are not usable
+      key = (params_signature, _shapes_and_dtypes(x))
       if key not in checked:
         other = [_probe(s, 2.0) for s in leaves]
         _check_forward(fn, probes, new, run(other, x))
