@@ -58,10 +58,10 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
     ((1347, 8, 8, 1), (450, 8, 8, 1), 10)
   """
-  from sklearn.datasets import load_digits as _sk_load_digits
-  from sklearn.model_selection import train_test_split
+  from jaxbn.extras import require
 
-  digits = _sk_load_digits()
+  digits = require("sklearn.datasets", "jaxbn.data.load_digits").load_digits()
+  train_test_split = require("sklearn.model_selection", "jaxbn.data.load_digits").train_test_split
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
   x_tr, x_te, y_tr, y_te = train_test_split(

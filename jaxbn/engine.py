@@ -360,8 +360,9 @@ def train(
 
   bar = None
   if progress:
-    from tqdm.auto import tqdm
+    from jaxbn.extras import require
 
+    tqdm = require("tqdm.auto", "jaxbn.engine.train(progress=True)").tqdm
     bar = tqdm(total=steps, desc=desc, leave=False, unit="step")
   if points and points[0] == 0:
     record(0, compiled(eval_fn, 0)(params, state) if eval_fn is not None else None)

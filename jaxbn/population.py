@@ -314,8 +314,9 @@ def population_stats(
   acc = (zero, [numerics.batch_average_init(s.mean.shape) for s in leaves])
   seen = 0
   if progress:
-    from tqdm.auto import tqdm
+    from jaxbn.extras import require
 
+    tqdm = require("tqdm.auto", "jaxbn.population_stats(progress=True)").tqdm
     batches = tqdm(batches, total=total, desc=fn, leave=False)
   for x in batches:
     new = run(probes, x)

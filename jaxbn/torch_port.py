@@ -81,11 +81,9 @@ variance below 3e26.
 
 def _torch():
   """Imports torch on first use, so that ``import jaxbn`` does not need it."""
-  try:
-    import torch
-  except ImportError as e:  # pragma: no cover - torch is installed wherever this is tested
-    raise ImportError("jaxbn's PyTorch interop needs PyTorch: pip install 'jaxbn[torch]'.") from e
-  return torch
+  from jaxbn.extras import require
+
+  return require("torch", "jaxbn.torch_port")
 
 
 # --------------------------------------------------------------------------

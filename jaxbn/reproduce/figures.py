@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from jaxbn.extras import require
 from jaxbn.reproduce.config import PERCENTILES
 from jaxbn.reproduce.report import network_title
+
+Figure = require("matplotlib.figure", "jaxbn.reproduce.write_figures").Figure
 
 _COLOURS = {"sigmoid MLP": "tab:blue", "ReLU MLP": "tab:orange", "tanh MLP": "tab:purple"}
 

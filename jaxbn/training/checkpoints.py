@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from jaxbn.extras import require
 from jaxbn.training.state import TrainState
 
 
@@ -109,8 +110,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState) -> None:
     FileExistsError: ``directory`` exists already.
     RuntimeError: orbax failed to write; nothing is left behind.
   """
-  import orbax.checkpoint as ocp
-
+  ocp = require("orbax.checkpoint", "jaxbn.training.save_checkpoint")
   path = _path(directory)
   if os.path.lexists(path):
     raise FileExistsError(
@@ -209,8 +209,7 @@ def restore_checkpoint(
     >>> bool((restored.params['Dense_0']['kernel'] == state.params['Dense_0']['kernel']).all())
     True
   """
-  import orbax.checkpoint as ocp
-
+  ocp = require("orbax.checkpoint", "jaxbn.training.restore_checkpoint")
   path = _path(directory)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"restore_checkpoint: no checkpoint at {path}.")

@@ -324,8 +324,9 @@ def fit(
   order, order_epoch = None, -1
   bar = None
   if progress:
-    from tqdm.auto import tqdm  # imported only when asked: it warns in some notebooks
+    from jaxbn.extras import require  # tqdm imported only when asked: it warns in some notebooks
 
+    tqdm = require("tqdm.auto", "jaxbn.training.fit(progress=True)").tqdm
     bar = tqdm(total=total, desc="fit", leave=False)
   for step in range(start, start + total):
     epoch, index = divmod(step, per_epoch)
