@@ -15,10 +15,11 @@ from jaxbn.reproduce import report as report_lib
 from jaxbn.reproduce.config import Config
 
 _spec = importlib.util.spec_from_file_location(
-  "readme_results", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"
+  "reproduction_results",
+  pathlib.Path(__file__).resolve().parents[1] / "scripts" / "reproduction_results.py",
 )
-readme_results = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(readme_results)
+reproduction_results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reproduction_results)
 
 STEPS = [0, 50, 100, 150, 200]
 
@@ -159,15 +160,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kind", ["full", "quick"])
-def test_readme_results_are_the_commands_report_of_a_stored_run(kind):
-  # README's results are `jaxbn reproduce`'s own report of the run stored in docs/
-  # (scripts/readme_results.py), and that run's summary and claims are what its data give.
+def test_the_reproduction_page_is_the_commands_report_of_a_stored_run(kind):
+  # docs/reproduction.md's results are `jaxbn reproduce`'s own report of the run stored
+  # in docs/ (scripts/reproduction_results.py), and that run's summary and claims are
+  # what its data give.
   results = json.loads(gzip.decompress((ROOT / "docs" / f"reproduce-{kind}.json.gz").read_bytes()))
   command = "jaxbn reproduce" + (" --quick" if kind == "quick" else "")
   assert report_lib.run_kind(results["config"]) == command
   assert report_lib.summarize(results) == results["summary"]
   assert claims_lib.check_claims(results) == results["claims"]
   assert all(c["holds"] for c in results["claims"])
-  match = readme_results.block(kind).search((ROOT / "README.md").read_text())
-  assert match is not None, f"README.md has no {kind} results block"
+  match = reproduction_results.block(kind).search(reproduction_results.PAGE.read_text())
+  assert match is not None, f"docs/reproduction.md has no {kind} results block"
   assert match.group(2) == report_lib.format_report(results)

@@ -158,8 +158,8 @@ def format_claims(results: dict) -> str:
 def format_report(results: dict) -> str:
   """The Markdown report of a run: what ran and where, the table, the claims.
 
-  ``jaxbn reproduce`` prints it and writes it to ``report.md``; README's
-  results section is this text for the default run, unedited. It reads only
+  ``jaxbn reproduce`` prints it and writes it to ``report.md``;
+  docs/reproduction.md shows this text for the stored runs, unedited. It reads only
   ``config``, ``dataset``, ``summary``, ``claims`` and ``machine``.
   """
   config, ds = results["config"], results["dataset"]
