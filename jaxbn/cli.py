@@ -7,6 +7,7 @@
     jaxbn reproduce --out results                      # bundled 8x8 digits, the full run
     jaxbn reproduce --quick --out quick                # the same claims on a smaller budget
     jaxbn reproduce --dataset mnist --data mnist.npz --steps 50000 --out mnist
+    jaxbn reproduce --quick --momentum 0.9 --out m09   # batch norm's --momentum, --epsilon
 
 ``python -m jaxbn`` is the same command. This module imports only the
 configuration at load time (``jaxbn --help`` starts fast); the training, with
