@@ -291,39 +291,18 @@ def fit(
     step_fn = functools.partial(
       train_step, use_running_average=use_running_average, update_batch_stats=update_batch_stats
     )
-  history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
-  if eval_data is not None:
-    history.update(eval_step=[], eval_loss=[], eval_accuracy=[])
-  pending: list[dict] = []
-
-  def flush():
-    for m in jax.device_get(pending):
-      history["loss"].append(float(m["loss"]))
-      history["accuracy"].append(float(m["accuracy"]))
-    pending.clear()
+  start = int(state.step)
 
   def segment(idx, evaluate_now, tick):
     nonlocal state
+    metrics = []
     for ix in idx:
-      state, metrics = step_fn(state, (x[ix], y[ix]))
-      pending.append(metrics)
-      history["step"].append(len(history["step"]) + start + 1)
+      state, m = step_fn(state, (x[ix], y[ix]))
+      metrics.append(m)
       tick(1)
-    return None, evaluate(state, *eval_data) if evaluate_now else None
+    return metrics, evaluate(state, *eval_data) if evaluate_now else None
 
-  def evaluate_start():
-    return evaluate(state, *eval_data)
-
-  def on_eval(step, m):
-    flush()
-    history["eval_step"].append(step)
-    history["eval_loss"].append(m["loss"])
-    history["eval_accuracy"].append(m["accuracy"])
-    loss = f"{history['loss'][-1]:.4f}" if history["loss"] else "-"
-    return {"loss": loss, "test_acc": f"{m['accuracy']:.4f}"}
-
-  start = int(state.step)
-  train_loop(
+  ran = train_loop(
     segment,
     n,
     len(y),
@@ -333,11 +312,20 @@ def fit(
     seed=seed,
     start=start,
     eval_every=eval_every if eval_data is not None else None,
-    evaluate_start=evaluate_start,
-    on_eval=on_eval,
+    evaluate_start=lambda: evaluate(state, *eval_data),
+    on_eval=lambda step, m: {"test_acc": f"{m['accuracy']:.4f}"},
     progress=progress,
     desc="fit",
     name="fit",
   )
-  flush()
+  per_step = jax.device_get([m for metrics in ran.metrics for m in metrics])
+  history = {
+    "step": list(range(start + 1, start + 1 + len(per_step))),
+    "loss": [float(m["loss"]) for m in per_step],
+    "accuracy": [float(m["accuracy"]) for m in per_step],
+  }
+  if eval_data is not None:
+    history["eval_step"] = ran.eval_steps
+    history["eval_loss"] = [m["loss"] for m in ran.evals]
+    history["eval_accuracy"] = [m["accuracy"] for m in ran.evals]
   return state, history
