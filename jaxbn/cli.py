@@ -7,6 +7,7 @@
     jaxbn reproduce --out results                      # bundled 8x8 digits, the full run
     jaxbn reproduce --quick --out quick                # the same claims on a smaller budget
     jaxbn reproduce --dataset mnist --data mnist.npz --steps 50000 --out mnist
+    jaxbn reproduce --quick --momentum 0.9 --out m09   # batch norm's --momentum, --epsilon
 
 ``python -m jaxbn`` is the same command. This module imports only the
 configuration at load time (``jaxbn --help`` starts fast); the training, with
@@ -140,7 +141,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   p.add_argument(
     "--eval-every",
     type=int,
-    help=f"SGD steps between evaluations on the test set {_default('eval_every')}",
+    help="evaluate on the test set at step 0, after every this many SGD steps and after the "
+    f"last {_default('eval_every')}",
   )
   p.add_argument(
     "--target",
@@ -151,6 +153,17 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     "--init-std",
     type=float,
     help=f"std of the MLP's Gaussian initial weights {_default('init_std')}",
+  )
+  p.add_argument(
+    "--momentum",
+    type=float,
+    help="batch norm's momentum: each step keeps this share of the running averages, in "
+    f"[0, 1) {_default('momentum')}",
+  )
+  p.add_argument(
+    "--epsilon",
+    type=float,
+    help=f"batch norm's epsilon, added to the variance, positive {_default('epsilon')}",
   )
   p.add_argument(
     "--final-evals",

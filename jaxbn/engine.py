@@ -1,6 +1,17 @@
-"""A plain-JAX training engine: SGD on shuffled mini-batches, evaluated as it goes.
+"""The training loop of jaxbn, and a plain-JAX engine on it: SGD on shuffled mini-batches.
 
-The one training loop of the plain-JAX models (``jaxbn reproduce``, the
+:func:`train_loop` is the one training loop: it checks the inputs, orders
+the data, cuts the run into stretches between evaluations, shows progress
+and keeps the history; :func:`train` (below) and :func:`jaxbn.training.fit`
+(flax train states) say only how a stretch of steps runs. Both minimize
+:func:`cross_entropy` and run optax under :func:`optimizer_promotion`.
+Step ``t`` of a run with seed ``s`` takes batch ``t % per_epoch`` of epoch
+``t // per_epoch``, in the order :func:`jaxbn.data.epoch_order` ``(s, epoch,
+n)`` with each epoch's last partial batch dropped (:func:`batch_indices`).
+``eval_every=k`` evaluates at step 0 (before training), after every
+``k``-th step and after the last (:func:`eval_points`).
+
+:func:`train` trains the plain-JAX models (``jaxbn reproduce``, the
 benchmarks, the notebooks). A model is two functions:
 
 - ``init(key) -> (params, state)``, e.g. :func:`jaxbn.models.init_mlp` with
@@ -10,13 +21,9 @@ benchmarks, the notebooks). A model is two functions:
   ``functools.partial``. ``state`` is any pytree the forward pass updates
   (the running statistics, or several sets of them side by side).
 
-:func:`train` minimizes the mean softmax cross-entropy of the logits against
-int labels with plain SGD (``p - learning_rate * g``) or an optax optimizer.
-Step ``t`` of a run with seed ``s`` takes batch ``t % per_epoch`` of epoch
-``t // per_epoch``, in the order :func:`jaxbn.data.epoch_order` ``(s, epoch,
-n)`` with each epoch's last partial batch dropped (:func:`batch_indices`), as
-:func:`jaxbn.training.fit` does. The steps between two evaluations are one
-jitted ``jax.lax.scan``, followed in the same program by ``eval_fn``.
+It minimizes the loss with plain SGD (``p - learning_rate * g``) or an optax
+optimizer. The steps between two evaluations are one jitted
+``jax.lax.scan``, followed in the same program by ``eval_fn``.
 
 Several runs train at once: with ``seed`` a sequence of seeds, ``params`` and
 ``state`` carry a leading run axis (:func:`init_runs`) and ``learning_rate``
@@ -46,6 +53,8 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -58,7 +67,19 @@ import optax
 
 from jaxbn.data import epoch_order
 
-__all__ = ("Trained", "accuracy", "batch_indices", "init_runs", "over_runs", "train")
+__all__ = (
+  "History",
+  "Trained",
+  "accuracy",
+  "batch_indices",
+  "cross_entropy",
+  "eval_points",
+  "init_runs",
+  "optimizer_promotion",
+  "over_runs",
+  "train",
+  "train_loop",
+)
 
 
 class Trained(NamedTuple):
@@ -185,17 +206,202 @@ def _finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(tree)]))
 
 
-def _eval_points(eval_every: int | Sequence[int] | None, steps: int) -> list[int]:
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The mean softmax cross-entropy of ``logits`` against int ``labels``, in float32 or wider.
+
+  The loss of every training loop here (:func:`train`, :func:`jaxbn.training.fit`):
+  half-precision logits are promoted to float32 first, so the loss and its
+  gradient are not rounded to 8 or 11 bits.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import engine
+    >>> round(float(engine.cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
+    1.3863
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def optimizer_promotion() -> contextlib.AbstractContextManager:
+  """The dtype promotion an optax update runs under (a context manager).
+
+  optax's own code mixes Python floats with int32 arrays (e.g. Adam's bias
+  correction ``decay**count``), which ``jax_numpy_dtype_promotion='strict'``
+  rejects; the updates of :func:`train` and :class:`jaxbn.training.TrainState`
+  run under standard promotion so that a strict configuration elsewhere does
+  not break the optimizer.
+  """
+  return jax.numpy_dtype_promotion("standard")
+
+
+def eval_points(
+  eval_every: int | Sequence[int] | None, steps: int, *, start: int = 0, name: str = "engine.train"
+) -> list[int]:
+  """The step counts at which a run of ``steps`` steps from step ``start`` evaluates.
+
+  The one meaning of ``eval_every`` (:func:`train`, :func:`jaxbn.training.fit`,
+  ``jaxbn reproduce --eval-every``): an int ``k`` evaluates at every step
+  count in ``[start, start + steps]`` that is a multiple of ``k`` (step 0 is
+  before any training) and after the last step; the step counts are those
+  of the whole training, so a run resumed from a checkpoint evaluates where
+  the run that never stopped did. A sequence lists the step counts; None
+  evaluates never.
+
+  Examples:
+    >>> from jaxbn import engine
+    >>> engine.eval_points(3, 7), engine.eval_points(3, 5, start=4), engine.eval_points([2], 5)
+    ([0, 3, 6, 7], [6, 9], [2])
+  """
+  end = start + steps
   if eval_every is None:
     return []
   if isinstance(eval_every, (int, np.integer)):
     if eval_every < 1:
-      raise ValueError(f"train: eval_every must be a positive integer, got {eval_every}.")
-    return sorted({*range(0, steps, int(eval_every)), steps})
+      raise ValueError(f"{name}: eval_every must be a positive integer, got {eval_every}.")
+    k = int(eval_every)
+    return sorted({*range(-(-start // k) * k, end + 1, k), end})
   points = sorted({int(s) for s in eval_every})
-  if points and not 0 <= points[0] <= points[-1] <= steps:
-    raise ValueError(f"train: evaluation steps must lie in [0, {steps}], got {points}.")
+  if points and not start <= points[0] <= points[-1] <= end:
+    raise ValueError(f"{name}: evaluation steps must lie in [{start}, {end}], got {points}.")
   return points
+
+
+def _progress_bar(total: int, desc: str, name: str) -> Any:
+  from jaxbn.extras import require  # tqdm imported only when asked: it warns in some notebooks
+
+  tqdm = require("tqdm.auto", f"jaxbn.{name}(progress=True)").tqdm  # name: "fit", "engine.train"
+  return tqdm(total=total, desc=desc, leave=False, unit="step")
+
+
+class History(NamedTuple):
+  """What :func:`train_loop` returns.
+
+  Attributes:
+    eval_steps: the step counts at which the run evaluated.
+    evals: what evaluated at each of them (``segment``'s or ``evaluate_start``'s output).
+    metrics: what ``segment`` returned for each stretch of steps, in order.
+  """
+
+  eval_steps: list[int]
+  evals: list[Any]
+  metrics: list[Any]
+
+
+def train_loop(
+  segment: Callable[..., tuple[Any, Any]],
+  n: int,
+  labels: int,
+  *,
+  steps: int | None = None,
+  epochs: int | None = None,
+  batch_size: int,
+  seed: int | Sequence[int] = 0,
+  start: int = 0,
+  eval_every: int | Sequence[int] | None = None,
+  evaluate_start: Callable[[], Any] | None = None,
+  on_eval: Callable[[int, Any], dict | None] | None = None,
+  progress: bool = False,
+  desc: str = "train",
+  name: str = "engine.train",
+) -> History:
+  """The schedule of a training run: input checks, data order, evaluations, progress, history.
+
+  The one training loop of jaxbn: :func:`train` (plain-JAX models, runs at
+  once, ``jax.lax.scan`` over steps) and :func:`jaxbn.training.fit` (flax
+  train states, a jitted step per batch) are adapters that say how to run a
+  stretch of steps. The run covers steps ``start`` to ``start + steps``; step
+  ``t`` of seed ``s`` takes batch ``t % per_epoch`` of epoch ``t // per_epoch``
+  (:func:`batch_indices`). The run is cut into stretches that end at the
+  evaluation points (:func:`eval_points`) and at the last step.
+
+  Args:
+    segment: ``segment(idx, evaluate, tick) -> (metrics, evaluation)`` runs
+      the steps of one stretch, whose example indices are ``idx``
+      (``(steps, batch_size)``, or ``(runs, steps, batch_size)`` for a
+      sequence of seeds), evaluating after them when ``evaluate``; it may
+      call ``tick(k)`` after ``k`` steps to move the progress bar.
+    n: the number of training examples.
+    labels: the number of labels (must equal ``n``).
+    steps: the number of steps.
+    epochs: instead of ``steps``, the number of epochs (of ``n // batch_size``
+      steps); exactly one of the two.
+    batch_size: examples per step.
+    seed: the seed of the data order, or one per run.
+    start: the step count the run starts at (e.g. a restored checkpoint's).
+    eval_every: when to evaluate (see :func:`eval_points`).
+    evaluate_start: evaluates before any step, when ``start`` is an
+      evaluation point (None: nothing is evaluated there, the point is kept).
+    on_eval: ``on_eval(step, evaluation)``, after each evaluation; a dict
+      it returns is shown beside the progress bar.
+    progress: show a tqdm progress bar.
+    desc: the progress bar's label.
+    name: the function named in error messages.
+
+  Returns:
+    A :class:`History`.
+
+  Raises:
+    ValueError: ``n`` and ``labels`` differ, not exactly one of ``steps``
+      and ``epochs``, ``steps``, ``epochs``, ``start`` or ``batch_size`` not
+      a fitting int, or evaluation points outside the run.
+
+  Examples:
+    A loop that only counts its steps:
+
+    >>> from jaxbn import engine
+    >>> def segment(idx, evaluate, tick):
+    ...   return len(idx), ("evaluated" if evaluate else None)
+    >>> h = engine.train_loop(segment, 10, 10, steps=7, batch_size=4, eval_every=3)
+    >>> h.eval_steps, h.metrics
+    ([0, 3, 6, 7], [3, 3, 1])
+  """
+  if labels != n:
+    raise ValueError(f"{name}: x and y differ in length: {n} and {labels}.")
+  if (epochs is None) == (steps is None):
+    raise ValueError(f"{name}: give exactly one of epochs and steps, got {epochs=} and {steps=}.")
+  if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
+    raise ValueError(f"{name}: batch_size must be an int in [1, {n}] (len(x)), got {batch_size!r}.")
+  if epochs is not None:
+    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+      raise ValueError(f"{name}: epochs must be a positive integer, got {epochs!r}.")
+    steps = epochs * (n // batch_size)
+  if not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"{name}: steps must be a positive integer, got {steps!r}.")
+  if not isinstance(start, (int, np.integer)) or start < 0:
+    raise ValueError(f"{name}: the start step must be a non-negative integer, got {start!r}.")
+  points = eval_points(eval_every, steps, start=start, name=name)
+  several = not isinstance(seed, (int, np.integer))
+  end = start + steps
+  history = History([], [], [])
+  bar = _progress_bar(steps, desc, name) if progress else None
+  tick = (lambda k: None) if bar is None else bar.update
+
+  def record(step, out):
+    history.eval_steps.append(step)
+    history.evals.append(out)
+    shown = on_eval(step, out) if on_eval is not None else None
+    if bar is not None and shown:
+      bar.set_postfix(shown)
+
+  try:
+    if points and points[0] == start:
+      record(start, evaluate_start() if evaluate_start is not None else None)
+    begin = start
+    for stop in sorted({p for p in points if p > start} | {end}):
+      idx = [batch_indices(s, n, stop - begin, batch_size, start=begin) for s in np.ravel(seed)]
+      idx = np.stack(idx) if several else idx[0]
+      metrics, out = segment(idx, stop in points, tick)
+      history.metrics.append(metrics)
+      if stop in points:
+        record(stop, out)
+      if bar is not None:
+        bar.update(stop - start - bar.n)
+      begin = stop
+  finally:
+    if bar is not None:
+      bar.close()
+  return history
 
 
 def train(
@@ -235,9 +441,9 @@ def train(
     seed: the seed of the data order, or a sequence of seeds: one run each.
     eval_fn: ``eval_fn(params, state) -> pytree of arrays`` (test accuracy,
       percentiles...), jitted with the training steps (and vmapped over runs).
-    eval_every: when to call ``eval_fn`` and ``callback``: an int ``k`` means
-      at step 0, every ``k`` steps and after the last; a sequence lists the
-      steps (0 is before training).
+    eval_every: when to call ``eval_fn`` and ``callback`` (:func:`eval_points`):
+      an int ``k`` means at step 0 (before training), after every ``k``-th
+      step and after the last; a sequence lists the steps.
     callback: ``callback(step, params, state)``, called in Python at every
       evaluation (after ``eval_fn``), e.g. for statistics over a data set.
     vectorize: with several runs, ``jax.vmap`` over them; False runs one
@@ -267,34 +473,26 @@ def train(
     >>> out.eval_steps, out.evals.shape, int(out.state[0].step)
     ([10, 60], (2,), 60)
   """
-  n = len(x)
-  if len(y) != n:
-    raise ValueError(f"train: x and y differ in length: {n} and {len(y)}.")
-  if not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"train: steps must be a positive integer, got {steps!r}.")
-  if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
-    raise ValueError(f"train: batch_size must be an int in [1, {n}] (len(x)), got {batch_size!r}.")
   fixed_tx = isinstance(tx, optax.GradientTransformation)
   if fixed_tx == (learning_rate is not None):
     raise ValueError(
-      "train: give learning_rate (plain SGD, or for a tx that is a function of it) or an optax "
+      "engine.train: give learning_rate (plain SGD, or for a tx that is a function of it) or an optax "
       f"optimizer tx, not both or neither; got {learning_rate=} and {tx=}."
     )
   several = not isinstance(seed, (int, np.integer))
   seeds = [int(s) for s in seed] if several else [int(seed)]
   if not seeds:
-    raise ValueError("train: seed must be an int or a non-empty sequence of ints.")
+    raise ValueError("engine.train: seed must be an int or a non-empty sequence of ints.")
   lr = np.asarray(0.0 if learning_rate is None else learning_rate, np.float32)
   if several:
     if lr.ndim > 1 or lr.size not in (1, len(seeds)):
       raise ValueError(
-        f"train: {len(seeds)} runs (seeds) need one learning rate or one per run, "
+        f"engine.train: {len(seeds)} runs (seeds) need one learning rate or one per run, "
         f"got {lr.tolist()}."
       )
     lr = np.broadcast_to(lr.reshape(-1), (len(seeds),))
   elif lr.ndim:
-    raise ValueError(f"train: one run (an int seed) takes one learning rate, got {lr.tolist()}.")
-  points = _eval_points(eval_every, steps)
+    raise ValueError(f"engine.train: one run (an int seed) takes one learning rate, got {lr.tolist()}.")
 
   def make_tx(lr):
     if tx is None:
@@ -305,7 +503,7 @@ def train(
     t = make_tx(lr)
     if t is None:
       return ()
-    with jax.numpy_dtype_promotion("standard"):  # see below
+    with optimizer_promotion():
       return t.init(params)
 
   def chunk(params, state, opt_state, lr, idx, x, y, *, evaluate):
@@ -316,16 +514,13 @@ def train(
 
       def loss_fn(p):
         logits, new_state = apply(p, state, x[ix], train=True)[:2]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y[ix]).mean()
-        return loss, new_state
+        return cross_entropy(logits, y[ix]), new_state
 
       (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       if t is None:
         params = jax.tree.map(lambda p, g: p - lr.astype(g.dtype) * g, params, grads)
       else:
-        # optax mixes Python floats with int32 counts (Adam's decay**count),
-        # which jax_numpy_dtype_promotion='strict' rejects.
-        with jax.numpy_dtype_promotion("standard"):
+        with optimizer_promotion():
           updates, opt_state = t.update(grads, opt_state, params)
           params = optax.apply_updates(params, updates)
       return (params, state, opt_state), loss
@@ -340,51 +535,50 @@ def train(
       return over_runs(f, vectorize=vectorize, in_axes=in_axes)
     return jax.jit(f)
 
-  def with_eval(evaluate):
-    f = lambda *args: chunk(*args, evaluate=evaluate)
-    return compiled(f, (0, 0, 0, 0, 0, None, None))
-
   chunks = {}  # one compiled program with evaluation, one without
   x, y = jnp.asarray(x), jnp.asarray(y)
   lr = jnp.asarray(lr)
-  opt_state = compiled(init_opt, 0)(params, lr)
-  eval_steps, evals, losses = [], [], []
+  opt_state = None  # initialized by the first stretch, after train_loop's checks
   ok = np.ones(len(seeds), bool) if several else np.bool_(True)
 
-  def record(step, out):
-    eval_steps.append(step)
-    if out is not None:
-      evals.append(jax.tree.map(np.asarray, out))
-    if callback is not None:
-      callback(step, params, state)
-
-  bar = None
-  if progress:
-    from jaxbn.extras import require
-
-    tqdm = require("tqdm.auto", "jaxbn.engine.train(progress=True)").tqdm
-    bar = tqdm(total=steps, desc=desc, leave=False, unit="step")
-  if points and points[0] == 0:
-    record(0, compiled(eval_fn, 0)(params, state) if eval_fn is not None else None)
-  start = 0
-  for stop in sorted({p for p in points if p > 0} | {steps}):
-    evaluate = stop in points and eval_fn is not None
+  def segment(idx, evaluate, tick):
+    nonlocal params, state, opt_state, ok
+    evaluate = evaluate and eval_fn is not None
     if evaluate not in chunks:
-      chunks[evaluate] = with_eval(evaluate)
-    idx = [batch_indices(s, n, stop - start, batch_size, start=start) for s in seeds]
-    idx = np.stack(idx) if several else idx[0]
+      f = functools.partial(chunk, evaluate=evaluate)
+      chunks[evaluate] = compiled(f, (0, 0, 0, 0, 0, None, None))
+    if opt_state is None:
+      opt_state = compiled(init_opt, 0)(params, lr)
     params, state, opt_state, loss, out, finite = chunks[evaluate](
       params, state, opt_state, lr, idx, x, y
     )
-    losses.append(np.asarray(loss))
     ok = ok & np.asarray(finite)
-    if stop in points:
-      record(stop, out)
-    if bar is not None:
-      bar.update(stop - start)
-    start = stop
-  if bar is not None:
-    bar.close()
+    return np.asarray(loss), None if out is None else jax.tree.map(np.asarray, out)
+
+  def evaluate_start():
+    if eval_fn is None:
+      return None
+    return jax.tree.map(np.asarray, compiled(eval_fn, 0)(params, state))
+
+  def on_eval(step, out):
+    if callback is not None:
+      callback(step, params, state)
+
+  history = train_loop(
+    segment,
+    len(x),
+    len(y),
+    steps=steps,
+    batch_size=batch_size,
+    seed=seeds if several else seeds[0],
+    eval_every=eval_every,
+    evaluate_start=evaluate_start,
+    on_eval=on_eval,
+    progress=progress,
+    desc=desc,
+  )
+  evals = [e for e in history.evals if e is not None]
   axis = 1 if several else 0
   stacked = jax.tree.map(lambda *t: np.stack(t, axis), *evals) if evals else None
-  return Trained(params, state, opt_state, eval_steps, stacked, np.concatenate(losses, axis=-1), ok)
+  losses = np.concatenate(history.metrics, axis=-1)
+  return Trained(params, state, opt_state, history.eval_steps, stacked, losses, ok)

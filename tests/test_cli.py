@@ -8,12 +8,15 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+import jaxbn
 from jaxbn import cli
 from jaxbn.reproduce import config as config_lib
 from jaxbn.reproduce import figures as figures_lib
+from jaxbn.reproduce import report as report_lib
 from jaxbn.reproduce import run as run_lib
 
 pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
@@ -93,7 +96,7 @@ def test_vectorized_runs_match_runs_one_by_one():
   # vmap over (lr, seed) runs must give what training each run alone gives.
   ds = config_lib.load_data(config_lib.Config())[0].flat()
   common = dict(steps=6, eval_every=3, batch_size=60, target=0.5, final_evals=2, progress=False)
-  net = run_lib._mlp_net(64, "sigmoid", True, 0.05)
+  net = run_lib._mlp_net(64, "sigmoid", True, 0.05, config_lib.Config().bn_options)
   together = run_lib._train_net(net, ds, (0.5, 2.0), (1,), **common)
   one_by_one = run_lib._train_net(
     dataclasses.replace(net, vectorize=False), ds, (0.5, 2.0), (1,), **common
@@ -190,6 +193,12 @@ def _check_one_line_error(err, flag=None):
     (["--seeds", "0", "-1"], r"--seeds must be non-negative integers, got \[-1\]"),
     (["--target", "1.5"], r"--target must be an accuracy in \(0, 1\], got 1\.5"),
     (["--init-std", "0"], r"--init-std must be positive, got 0\.0"),
+    (["--momentum", "1"], r"--momentum must be a number in \[0, 1\), got 1\.0"),
+    (["--momentum", "-0.5"], r"--momentum must be a number in \[0, 1\), got -0\.5"),
+    (["--momentum", "nan"], r"--momentum must be a number in \[0, 1\), got nan"),
+    (["--momentum", "high"], r"argument --momentum: invalid float value: 'high'"),
+    (["--epsilon", "0"], r"--epsilon must be a positive number, got 0\.0"),
+    (["--epsilon", "inf"], r"--epsilon must be a positive number, got inf"),
   ],
 )
 def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, no_training, extra, message):
@@ -360,3 +369,65 @@ def test_help_documents_every_flag_and_each_default_once(capsys, monkeypatch):
   assert "(default: None)" not in text and "(default: False)" not in text
   flat = " ".join(text.split())
   assert "(default: 0.01 0.1 0.5 2 5)" in flat and "(default: both; --quick: mlp)" in flat
+
+
+def test_momentum_and_epsilon_default_to_bnoptions_and_reach_the_config(monkeypatch, tmp_path):
+  seen = []
+
+  def reproduce(config):
+    seen.append(config)
+    raise KeyboardInterrupt  # stop before the report and figures
+
+  monkeypatch.setattr(run_lib, "reproduce", reproduce)
+  for extra in ([], ["--quick"], ["--momentum", "0.9", "--epsilon", "1e-3"]):
+    with pytest.raises(KeyboardInterrupt):
+      cli.main(["reproduce", "--out", str(tmp_path), *TINY, *extra])
+  default, quick, given = seen
+  defaults = jaxbn.BNOptions()
+  assert (default.momentum, default.epsilon) == (defaults.momentum, defaults.epsilon)
+  assert default.bn_options == quick.bn_options == defaults
+  assert given.bn_options == jaxbn.BNOptions(momentum=0.9, epsilon=1e-3)
+
+
+def test_the_mlp_of_a_run_trains_with_the_configured_momentum():
+  # momentum 0: the running statistics after one step are the batch's (float64 reference).
+  net = run_lib._mlp_net(4, "sigmoid", True, 0.05, jaxbn.BNOptions(momentum=0.0))
+  params, state = net.init(jax.random.key(0))
+  x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+  _, state, _ = net.apply(params, state, x, train=True)
+  z = x.astype(np.float64) @ np.asarray(params["hidden"][0]["kernel"], np.float64)
+  tol = 8 * np.finfo(np.float32).eps * np.abs(z).max()
+  np.testing.assert_allclose(state[0].mean, z.mean(0), atol=tol)
+  np.testing.assert_allclose(state[0].var, z.var(0), atol=tol * np.abs(z).max())
+
+
+def test_momentum_and_epsilon_reach_the_runs_and_the_report(tmp_path, monkeypatch, capsys):
+  given = []
+  mlp_net = run_lib._mlp_net
+
+  def recording(*args):
+    given.append(args[-1])
+    return mlp_net(*args)
+
+  monkeypatch.setattr(run_lib, "_mlp_net", recording)
+  out = tmp_path / "out"
+  flags = ["--momentum", "0.5", "--epsilon", "0.001", "--model", "mlp", "--activations", "sigmoid"]
+  assert cli.main(["reproduce", "--out", str(out), *TINY, "--lrs", "0.5", *flags]) == 0
+  assert given == [jaxbn.BNOptions(momentum=0.5, epsilon=0.001)] * 2  # without and with BN
+  results = json.loads((out / "results.json").read_text())
+  assert (results["config"]["momentum"], results["config"]["epsilon"]) == (0.5, 0.001)
+  report = (out / "report.md").read_text()
+  assert "evaluated every 2 steps; batch norm with momentum 0.5 and epsilon 0.001." in report
+  assert report.startswith("Output of a custom run on ")
+
+
+def test_a_record_without_momentum_and_epsilon_ran_with_the_defaults():
+  # Records written before --momentum and --epsilon existed report as they did.
+  config = dataclasses.asdict(config_lib.Config.quick())
+  record = json.loads(
+    json.dumps({k: v for k, v in config.items() if k not in ("momentum", "epsilon")})
+  )
+  assert config_lib.Config.from_record(record) == config_lib.Config.quick()
+  assert report_lib.run_kind(record) == "jaxbn reproduce --quick"
+  changed = {**record, "momentum": 0.9}
+  assert report_lib.run_kind(changed) == "a custom configuration"

@@ -251,9 +251,7 @@ def _all_reduces(bn, update_batch_stats=True):
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.device_put(state, rep)
   batch = training.global_batch((x, y), mesh)
-  step = jax.jit(
-    functools.partial(training.state._train_step, update_batch_stats=update_batch_stats)
-  )
+  step = jax.jit(functools.partial(training.train_step, update_batch_stats=update_batch_stats))
   text = step.lower(state, batch).compile().as_text()
   return sum(
     1 for line in text.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line

@@ -65,9 +65,11 @@ def test_every_optional_import_goes_through_require():
     assert not direct, f"{path.relative_to(ROOT)} imports {direct} without jaxbn.extras.require"
     for node in ast.walk(tree):
       if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "require":
-        module, what = (a.value for a in node.args)  # literals, so that they can be checked here
-        assert module.partition(".")[0] in extras.OPTIONAL, (path, module)
-        assert what.startswith("jaxbn."), (path, what)
+        # Literals (an f-string's literal start), so that they can be checked here.
+        module, what = node.args
+        what = what.values[0] if isinstance(what, ast.JoinedStr) else what
+        assert module.value.partition(".")[0] in extras.OPTIONAL, (path, module.value)
+        assert what.value.startswith("jaxbn."), (path, what.value)
         calls += 1
   assert calls >= 7
 
@@ -164,7 +166,7 @@ def _torch(tmp_path):
 CASES = [
   ("orbax", "jaxbn.training.save_checkpoint", _save),
   ("orbax", "jaxbn.training.restore_checkpoint", _restore),
-  ("tqdm", "jaxbn.training.fit(progress=True)", _fit),
+  ("tqdm", "jaxbn.fit(progress=True)", _fit),
   ("tqdm", "jaxbn.population_stats(progress=True)", _population),
   ("sklearn", "jaxbn.data.load_digits", _digits),
   ("matplotlib", "jaxbn.reproduce.write_figures", _figures),

@@ -10,6 +10,7 @@ from flax import nnx
 
 import jaxbn
 from jaxbn import data
+from jaxbn import engine
 from jaxbn import models
 from jaxbn import training
 
@@ -365,12 +366,29 @@ def test_fit_history_is_plottable_and_silent_without_progress(capsys):
     state, x, y, batch_size=16, steps=6, eval_data=(x, y), eval_every=3, progress=False
   )
   assert history["step"] == [1, 2, 3, 4, 5, 6]
-  assert history["eval_step"] == [3, 6]
+  # eval_every=3: before training, after every 3rd step and after the last (here the 6th).
+  assert history["eval_step"] == [0, 3, 6]
   assert all(isinstance(v, float) for v in history["loss"] + history["eval_accuracy"])
   out = capsys.readouterr()
   assert out.out == "" and out.err == ""
   with pytest.raises(ValueError, match="exactly one of epochs and steps"):
     training.fit(state, x, y, progress=False)
+
+
+def test_fit_and_engine_evaluate_at_the_same_steps_counted_from_the_start_of_training():
+  # eval_every counts state.step: a run resumed at step 4 evaluates where the run
+  # that never stopped does (6), then after its last step (9); the engine agrees.
+  x, y = _batch(n=64)
+  state = training.create_train_state(models.MLP(features=(6,), num_classes=4), optax.sgd(0.1), x)
+  state, first = training.fit(state, x, y, batch_size=16, steps=4, eval_data=(x, y), eval_every=3)
+  state, resumed = training.fit(state, x, y, batch_size=16, steps=5, eval_data=(x, y), eval_every=3)
+  assert first["eval_step"] == [0, 3, 4] and resumed["eval_step"] == [6, 9]
+  assert resumed["step"] == [5, 6, 7, 8, 9]
+  assert engine.eval_points(3, 4) == first["eval_step"]
+  assert engine.eval_points(3, 5, start=4) == resumed["eval_step"]
+  # The default: each epoch (64 // 16 = 4 steps) of the whole training, and at the end.
+  _, by_epoch = training.fit(state, x, y, batch_size=16, epochs=2, eval_data=(x, y))
+  assert by_epoch["eval_step"] == [12, 16, 17]
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ It then summarizes over seeds (:func:`summarize`) and checks four of the
 paper's claims on the run's own data (:func:`check_claims`, each with its
 evidence and whether it holds), and records the machine.
 
-The parts: :class:`Config` and :func:`load_data` (:mod:`~jaxbn.reproduce.config`);
+The parts: :class:`Config`, :class:`Network` (a network's kind, activation
+and batch norm, named ``'mlp-sigmoid-BN'`` in records) and :func:`load_data`
+(:mod:`~jaxbn.reproduce.config`);
 :func:`reproduce`, the runs on :mod:`jaxbn.engine` (:mod:`~jaxbn.reproduce.run`);
 :func:`check_claims` (:mod:`~jaxbn.reproduce.claims`); :func:`summarize`,
 :func:`format_report`, :func:`format_table` and :func:`write_results`
@@ -42,6 +44,7 @@ from typing import Any
 from jaxbn.reproduce.claims import check_claims
 from jaxbn.reproduce.config import PERCENTILES
 from jaxbn.reproduce.config import Config
+from jaxbn.reproduce.config import Network
 from jaxbn.reproduce.config import load_data
 from jaxbn.reproduce.report import format_report
 from jaxbn.reproduce.report import format_table
@@ -67,6 +70,7 @@ def __dir__() -> list[str]:
 __all__ = (
   "PERCENTILES",
   "Config",
+  "Network",
   "check_claims",
   "format_report",
   "format_table",

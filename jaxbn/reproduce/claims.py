@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxbn.reproduce.report import _fmt
+from jaxbn.reproduce.config import Network
+from jaxbn.reproduce.report import format_number
 
-# The paper's network (Sec. 4.1): claims 1 and 3 are about it.
-PAPER_NETWORK = "mlp-sigmoid"
+# The paper's network (Sec. 4.1), without batch norm: claims 1 and 3 are about it.
+PAPER_NETWORK = Network("mlp", "sigmoid", bn=False)
 
 
 def match_tolerance(accuracy: float, n_test: int) -> float:
@@ -64,17 +65,15 @@ def _rows(results: dict) -> dict[tuple[str, float], dict]:
   return {(r["network"], r["lr"]): r for r in results["summary"]}
 
 
-def _base(name: str) -> str:
-  return name.rsplit("-", 1)[0]
-
-
 def _pairs(results: dict) -> list[tuple[str, float, dict, dict]]:
-  """``(network, lr, plain row, BN row)`` for every network trained both ways."""
+  """``(network family, lr, plain row, BN row)`` for every network trained both ways."""
   rows = _rows(results)
   out = []
   for (name, lr), plain in rows.items():
-    if name.endswith("-plain") and (_base(name) + "-BN", lr) in rows:
-      out.append((_base(name), lr, plain, rows[(_base(name) + "-BN", lr)]))
+    net = Network.parse(name)
+    bn = (net.with_bn(True).name, lr)
+    if not net.bn and bn in rows:
+      out.append((net.family, lr, plain, rows[bn]))
   return out
 
 
@@ -96,7 +95,7 @@ def faster(results: dict) -> dict:
   """Claim 1: with BN the paper's network passes the target in fewer steps, at every rate."""
   target = results["config"]["target"]
   steps = results["config"]["steps"]
-  pairs = [p for p in _pairs(results) if p[0] == PAPER_NETWORK]
+  pairs = [p for p in _pairs(results) if p[0] == PAPER_NETWORK.family]
   compared = [(lr, p, b) for _, lr, p, b in pairs if min(_steps(p), _steps(b)) < math.inf]
   evidence = [
     f"lr {lr:g}: plain {_says_steps(p)}, BN {_says_steps(b)}"
@@ -127,7 +126,8 @@ def higher_rates(results: dict) -> dict:
   for net, lr, p, b in _pairs(results):
     plain_trains, bn_trains = _steps(p) < math.inf, _steps(b) < math.inf
     text = (
-      f"{net} at lr {lr:g} (final accuracy plain {_fmt(p['accuracy'])}, BN {_fmt(b['accuracy'])})"
+      f"{net} at lr {lr:g} (final accuracy plain {format_number(p['accuracy'])}, BN "
+      f"{format_number(b['accuracy'])})"
     )
     if bn_trains and not plain_trains:
       rescued.append(text)
@@ -164,7 +164,7 @@ def _mean_drift(results: dict, name: str, lr: float) -> float:
 def stable_inputs(results: dict) -> dict:
   """Claim 3: with BN the watched sigmoid input drifts less (at the Figure 1 rate)."""
   fig1_lr = results["config"]["fig1_lr"]
-  plain, bn = PAPER_NETWORK + "-plain", PAPER_NETWORK + "-BN"
+  plain, bn = PAPER_NETWORK.name, PAPER_NETWORK.with_bn(True).name
   names = {n["name"] for n in results["networks"]}
   name = (
     "With BN the input to a sigmoid of the last hidden layer drifts less during training: "
@@ -211,10 +211,10 @@ def population_statistics(results: dict) -> dict:
       pop_acc = np.mean([r["population_accuracy"][first] for r in runs])
       tol = match_tolerance(row["accuracy"], n_test)
       end.append(
-        f"{_base(net['name'])} lr {lr:g}: {row['accuracy_population']:.3f} vs "
+        f"{Network.parse(net['name']).family} lr {lr:g}: {row['accuracy_population']:.3f} vs "
         f"{row['accuracy']:.3f} (±{tol:.3f})"
       )
-      early.append(f"{_base(net['name'])} lr {lr:g}: {pop_acc:.3f} vs {run_acc:.3f}")
+      early.append(f"{Network.parse(net['name']).family} lr {lr:g}: {pop_acc:.3f} vs {run_acc:.3f}")
       holds &= abs(gap) <= tol and pop_acc > run_acc
   if not end:
     return _claim(name, False, ["no BN network trains"])

@@ -1,11 +1,14 @@
-"""What ``jaxbn reproduce`` runs: :class:`Config`, and the data set it names."""
+"""What ``jaxbn reproduce`` runs: :class:`Config`, its :class:`Network` s, and the data set."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
 
+from jaxbn import BNOptions
 from jaxbn import data as data_lib
 
 # The percentiles of the watched sigmoid input recorded at each evaluation (Fig. 1(b, c)).
@@ -13,6 +16,59 @@ PERCENTILES = (15.0, 50.0, 85.0)
 
 # What --quick changes (Config.quick): a smaller budget, the same claims.
 QUICK = {"steps": 600, "eval_every": 25, "model": "mlp"}
+
+_ACTIVATION_TITLES = {"relu": "ReLU"}
+
+
+class Network(NamedTuple):
+  """One network of a reproduction; records and tables name it by :attr:`name`.
+
+  Attributes:
+    kind: ``'mlp'`` or ``'cnn'``.
+    activation: the hidden activation (``'sigmoid'``, ``'relu'``, ``'tanh'``).
+    bn: whether it has batch norm.
+
+  Examples:
+    >>> from jaxbn.reproduce.config import Network
+    >>> net = Network.parse("mlp-sigmoid-BN")
+    >>> net.bn, net.name, net.family, net.title, net.with_bn(False).name
+    (True, 'mlp-sigmoid-BN', 'mlp-sigmoid', 'sigmoid MLP', 'mlp-sigmoid-plain')
+    >>> Network("cnn", "relu", False).title
+    'CNN'
+  """
+
+  kind: str
+  activation: str
+  bn: bool
+
+  @classmethod
+  def parse(cls, name: str) -> Network:
+    """The network a record names, e.g. ``'mlp-relu-plain'``; ``ValueError`` otherwise."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] not in ("mlp", "cnn") or parts[2] not in ("BN", "plain"):
+      raise ValueError(f"not a network name of the form 'mlp-sigmoid-BN': {name!r}.")
+    return cls(parts[0], parts[1], parts[2] == "BN")
+
+  @property
+  def name(self) -> str:
+    """``kind-activation-BN`` or ``kind-activation-plain``."""
+    return f"{self.family}-{'BN' if self.bn else 'plain'}"
+
+  @property
+  def family(self) -> str:
+    """The name without its batch norm, ``kind-activation``: a row of the report's table."""
+    return f"{self.kind}-{self.activation}"
+
+  @property
+  def title(self) -> str:
+    """What figures and the report call it: ``'sigmoid MLP'``, ``'ReLU MLP'``, ``'CNN'``."""
+    if self.kind == "cnn":
+      return "CNN"
+    return f"{_ACTIVATION_TITLES.get(self.activation, self.activation)} MLP"
+
+  def with_bn(self, bn: bool) -> Network:
+    """The same network with (True) or without (False) batch norm."""
+    return self._replace(bn=bn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +93,11 @@ class Config:
     batch_size: examples per step (the paper's 60).
     init_std: std of the Gaussian initial weights of the MLP.
     cnn_features: channels of the CNN's convolution blocks.
-    eval_every: steps between evaluations.
+    momentum: batch norm's momentum of the running averages, in ``[0, 1)``
+      (default: :class:`jaxbn.BNOptions`'s).
+    epsilon: batch norm's epsilon, positive (default: :class:`jaxbn.BNOptions`'s).
+    eval_every: when to evaluate: at step 0, after every ``eval_every``-th
+      step and after the last (:func:`jaxbn.engine.eval_points`).
     target: test accuracy whose first crossing is reported.
     final_evals: a run's final accuracy is the mean over its last
       ``final_evals`` evaluations (one evaluation is a noisy snapshot: at
@@ -70,6 +130,8 @@ class Config:
   batch_size: int = 60
   init_std: float = 0.05
   cnn_features: tuple[int, ...] = (8, 16)
+  momentum: float = BNOptions().momentum
+  epsilon: float = BNOptions().epsilon
   eval_every: int = 50
   target: float = 0.9
   final_evals: int = 5
@@ -153,6 +215,10 @@ class Config:
       raise ValueError(f"{name('target')} must be an accuracy in (0, 1], got {self.target}.")
     if self.init_std <= 0:
       raise ValueError(f"{name('init_std')} must be positive, got {self.init_std}.")
+    if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+      raise ValueError(f"{name('momentum')} must be a number in [0, 1), got {self.momentum}.")
+    if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < math.inf):
+      raise ValueError(f"{name('epsilon')} must be a positive number, got {self.epsilon}.")
     return self
 
   def resolved(self) -> Config:
@@ -167,9 +233,45 @@ class Config:
       return self
     return dataclasses.replace(self, fig1_lr=2.0 if 2.0 in self.lrs else max(self.lrs))
 
+  def steps_of(self, network: Network | str) -> int:
+    """The SGD steps of ``network``'s runs: ``cnn_steps`` for a CNN if set, else ``steps``.
+
+    Examples:
+      >>> from jaxbn.reproduce import Config
+      >>> Config(steps=10).steps_of("cnn-relu-BN"), Config(cnn_steps=5).steps_of("cnn-relu-BN")
+      (10, 5)
+    """
+    if isinstance(network, str):
+      network = Network.parse(network)
+    if network.kind == "cnn" and self.cnn_steps is not None:
+      return self.cnn_steps
+    return self.steps
+
   @property
-  def cnn_steps_(self) -> int:
-    return self.cnn_steps if self.cnn_steps is not None else self.steps
+  def bn_options(self) -> BNOptions:
+    """The batch-norm options of every network with batch norm."""
+    return BNOptions(momentum=self.momentum, epsilon=self.epsilon)
+
+  @classmethod
+  def from_record(cls, record: Mapping[str, Any]) -> Config:
+    """The configuration a ``results.json`` holds (lists as tuples).
+
+    Fields a record lacks take their defaults: a record written before the
+    command line took ``--momentum`` and ``--epsilon`` ran with
+    :class:`jaxbn.BNOptions`'s, which are the defaults.
+
+    Examples:
+      >>> import dataclasses, json
+      >>> from jaxbn.reproduce import Config
+      >>> record = json.loads(json.dumps(dataclasses.asdict(Config.quick())))
+      >>> del record["momentum"]
+      >>> Config.from_record(record) == Config.quick()
+      True
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+    )
 
 
 def load_data(config: Config) -> tuple[data_lib.Dataset, str]:

@@ -18,8 +18,10 @@ import os
 import numpy as np
 
 from jaxbn.extras import require
+from jaxbn.reproduce.claims import PAPER_NETWORK
 from jaxbn.reproduce.config import PERCENTILES
-from jaxbn.reproduce.report import network_title
+from jaxbn.reproduce.config import Config
+from jaxbn.reproduce.config import Network
 
 Figure = require("matplotlib.figure", "jaxbn.reproduce.write_figures").Figure
 
@@ -27,11 +29,11 @@ _COLOURS = {"sigmoid MLP": "tab:blue", "ReLU MLP": "tab:orange", "tanh MLP": "ta
 
 
 def _colour(name: str) -> str:
-  return _COLOURS.get(network_title(name), "tab:green")
+  return _COLOURS.get(Network.parse(name).title, "tab:green")
 
 
 def _label(net: dict) -> str:
-  return f"{network_title(net['name'])}, {'with' if net['use_bn'] else 'without'} BN"
+  return f"{Network.parse(net['name']).title}, {'with' if net['use_bn'] else 'without'} BN"
 
 
 def _style(net: dict) -> str:
@@ -83,7 +85,10 @@ def write_figures(results: dict, out: str | os.PathLike) -> list[str]:
     paths.append(path)
 
   lr = results["config"]["fig1_lr"]
-  plain, bn = _network(results, "mlp-sigmoid-plain"), _network(results, "mlp-sigmoid-BN")
+  plain, bn = (
+    _network(results, PAPER_NETWORK.name),
+    _network(results, PAPER_NETWORK.with_bn(True).name),
+  )
   if plain is not None and bn is not None:
     # (b) and (c) on one scale, as in the paper, in fig1.png and in their own files.
     pct = np.concatenate([_curves(plain, lr, "percentiles"), _curves(bn, lr, "percentiles")])
@@ -113,7 +118,7 @@ def write_figures(results: dict, out: str | os.PathLike) -> list[str]:
   _plot_sweep(fig.subplots(), results)
   save(fig, "lr_sweep.png")
 
-  cnns = [n for n in results["networks"] if n["name"].startswith("cnn")]
+  cnns = [n for n in results["networks"] if Network.parse(n["name"]).kind == "cnn"]
   if cnns:
     lrs = list(dict.fromkeys(run["lr"] for run in cnns[0]["runs"]))
     fig = Figure(figsize=(4.6 * len(lrs), 3.6), layout="constrained")
@@ -187,7 +192,7 @@ def _plot_inference(ax, results: dict, net: dict, lr: float) -> None:
     _curves(net, lr, "test_accuracy"),
     colour=_colour(net["name"]),
     style="-",
-    label="running averages (momentum 0.99)",
+    label=f"running averages (momentum {Config.from_record(results['config']).momentum:g})",
   )
   _band(
     ax,
@@ -205,18 +210,14 @@ def _plot_inference(ax, results: dict, net: dict, lr: float) -> None:
 
 
 def _plot_sweep(ax, results: dict) -> None:
-  config = results["config"]
-  budgets = {config["steps"]}
-  if any(n["name"].startswith("cnn") for n in results["networks"]):
-    budgets.add(config["cnn_steps"] or config["steps"])
+  config = Config.from_record(results["config"])
+  budgets = {config.steps_of(n["name"]) for n in results["networks"]}
   for net in results["networks"]:
     rows = [r for r in results["summary"] if r["network"] == net["name"]]
     x = [r["lr"] for r in rows]
     y = np.array([np.nan if r["accuracy"] is None else r["accuracy"] for r in rows])
     e = np.array([0.0 if r["accuracy_std"] is None else r["accuracy_std"] for r in rows])
-    cnn = net["name"].startswith("cnn")
-    steps = (config["cnn_steps"] or config["steps"]) if cnn else config["steps"]
-    budget = f" ({steps} steps)" if len(budgets) > 1 else ""
+    budget = f" ({config.steps_of(net['name'])} steps)" if len(budgets) > 1 else ""
     ax.errorbar(
       x,
       y,
@@ -233,8 +234,8 @@ def _plot_sweep(ax, results: dict) -> None:
   ax.set_ylabel("final test accuracy")
   ax.set_ylim(0, 1.02)
   ax.set_title(
-    f"final accuracy (mean of the last {config['final_evals']} evaluations)\n"
+    f"final accuracy (mean of the last {config.final_evals} evaluations)\n"
     f"mean ± std over {_seeds(results)} seeds"
-    + (f", {config['steps']} steps" if len(budgets) == 1 else "")
+    + (f", {budgets.pop()} steps" if len(budgets) == 1 else "")
   )
   ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))

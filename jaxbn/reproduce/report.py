@@ -10,15 +10,29 @@ from typing import Any
 
 import numpy as np
 
+from jaxbn import BNOptions
 from jaxbn.reproduce.config import Config
+from jaxbn.reproduce.config import Network
 
 
-def _clean(a: Any) -> Any:
-  """NumPy to JSON: floats rounded to 4 digits, non-finite values as None."""
+def to_json(a: Any) -> Any:
+  """NumPy to JSON: floats rounded to 4 digits, non-finite values as None; arrays as lists.
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxbn.reproduce.report import to_json
+    >>> to_json(np.array([0.123456, np.nan])), to_json(np.float32(2))
+    ([0.1235, None], 2.0)
+  """
   a = np.asarray(a, np.float64)
   if a.ndim == 0:
     return round(float(a), 4) if np.isfinite(a) else None
-  return [_clean(t) for t in a]
+  return [to_json(t) for t in a]
+
+
+def format_number(v: float | None) -> str:
+  """An accuracy in the report and the claims' evidence: 3 decimals, ``'-'`` for None."""
+  return "-" if v is None else f"{v:.3f}"
 
 
 def _nan(v: float | None) -> float:
@@ -75,11 +89,11 @@ def summarize(results: dict) -> list[dict]:
 
 
 def _mean(a: np.ndarray) -> float | None:
-  return _clean(np.nanmean(a)) if np.isfinite(a).any() else None
+  return to_json(np.nanmean(a)) if np.isfinite(a).any() else None
 
 
 def _std(a: np.ndarray) -> float | None:
-  return _clean(np.nanstd(a)) if np.isfinite(a).any() else None
+  return to_json(np.nanstd(a)) if np.isfinite(a).any() else None
 
 
 def format_table(results: dict) -> str:
@@ -92,13 +106,14 @@ def format_table(results: dict) -> str:
   )
   lines = [header, "|" + "---|" * 7]
   for (name, lr), plain in rows.items():
-    if not name.endswith("-plain"):
+    net = Network.parse(name)
+    if net.bn:
       continue
-    base = name[: -len("-plain")]
-    bn = rows.get((base + "-BN", lr))
+    bn = rows.get((net.with_bn(True).name, lr))
     pop = "-" if bn is None else _mean_std(bn["accuracy_population"], bn["population_std"])
     lines.append(
-      f"| {base} | {lr:g} | {_acc(plain)} | {_acc(bn)} | {_steps(plain)} | {_steps(bn)} | {pop} |"
+      f"| {net.family} | {lr:g} | {_acc(plain)} | {_acc(bn)} | {_steps(plain)} | {_steps(bn)} "
+      f"| {pop} |"
     )
   return "\n".join(lines)
 
@@ -118,18 +133,17 @@ def run_kind(config: dict) -> str:
     'a custom configuration'
   """
 
-  def comparable(c: dict) -> dict:
-    c = {k: v for k, v in c.items() if k != "progress"}
-    if c["fig1_lr"] is None:  # a preset's; a record holds the one it resolved to
-      c["fig1_lr"] = Config(lrs=tuple(c["lrs"])).resolved().fig1_lr
-    return json.loads(json.dumps(c))  # tuples as lists, as in results.json
+  def comparable(c: Config) -> dict:
+    # A preset's fig1_lr is None; a record holds the one it resolved to.
+    c = dataclasses.replace(c.resolved(), progress=False)
+    return json.loads(json.dumps(dataclasses.asdict(c)))  # tuples as lists, as in results.json
 
-  given = comparable(config)
+  given = comparable(Config.from_record(config))
   for preset, command in (
     (Config(), "jaxbn reproduce"),
     (Config.quick(), "jaxbn reproduce --quick"),
   ):
-    if comparable(dataclasses.asdict(preset)) == given:
+    if comparable(preset) == given:
       return command
   return "a custom configuration"
 
@@ -162,52 +176,41 @@ def format_report(results: dict) -> str:
   docs/reproduction.md shows this text for the stored runs, unedited. It reads only
   ``config``, ``dataset``, ``summary``, ``claims`` and ``machine``.
   """
-  config, ds = results["config"], results["dataset"]
-  kind = run_kind(config)
-  names = list(dict.fromkeys(r["network"] for r in results["summary"]))
-  networks = list(dict.fromkeys(network_title(n) for n in names))
-  budget = f"{config['steps']} steps"
-  if "CNN" in networks:
-    cnn_steps = config["cnn_steps"] or config["steps"]
-    if cnn_steps != config["steps"]:
-      budget += f" ({cnn_steps} for the CNN)"
+  config, ds = Config.from_record(results["config"]), results["dataset"]
+  kind = run_kind(results["config"])
+  nets = [Network.parse(n) for n in dict.fromkeys(r["network"] for r in results["summary"])]
+  networks = list(dict.fromkeys(net.title for net in nets))
+  budget = f"{config.steps} steps"
+  cnn = next((net for net in nets if net.kind == "cnn"), None)
+  if cnn is not None and config.steps_of(cnn) != config.steps:
+    budget += f" ({config.steps_of(cnn)} for the CNN)"
+  bn = ""
+  if config.bn_options != BNOptions():  # said only when not the defaults
+    bn = f"; batch norm with momentum {config.momentum:g} and epsilon {config.epsilon:g}"
   what = f"`{kind}`" if kind != "a custom configuration" else "a custom run"
   lines = [
     f"Output of {what} on {format_machine(results['machine'])}.",
     "",
     f"{ds['name']}: {ds['train']} training and {ds['test']} test images; "
-    f"{', '.join(networks)}; {len(config['seeds'])} seeds, {budget} of SGD on mini-batches "
-    f"of {config['batch_size']}, evaluated every {config['eval_every']} steps. Accuracy: mean "
-    f"± std over seeds of each run's mean over its last {config['final_evals']} evaluations; "
-    f"steps to {config['target']:.0%}: median over seeds (a run that never gets there counts "
+    f"{', '.join(networks)}; {len(config.seeds)} seeds, {budget} of SGD on mini-batches "
+    f"of {config.batch_size}, evaluated every {config.eval_every} steps{bn}. Accuracy: mean "
+    f"± std over seeds of each run's mean over its last {config.final_evals} evaluations; "
+    f"steps to {config.target:.0%}: median over seeds (a run that never gets there counts "
     'as never; "3/5 runs" says how many did).',
   ]
   if kind.endswith("--quick"):
     lines += [
       "",
-      f"A quick run: {config['steps']} steps instead of {Config().steps}, the MLPs only (no "
-      f"CNN), evaluations every {config['eval_every']} steps instead of {Config().eval_every}. "
+      f"A quick run: {config.steps} steps instead of {Config().steps}, the MLPs only (no "
+      f"CNN), evaluations every {config.eval_every} steps instead of {Config().eval_every}. "
       "Accuracies are lower than the full run's, plain "
       "networks that need more steps to leave their initial plateau count as failing, and "
-      "the running averages (momentum 0.99) have had less time to settle; the claims are the "
-      "same.",
+      f"the running averages (momentum {config.momentum:g}) have had less time to settle; "
+      "the claims are the same.",
     ]
   lines += ["", format_table(results), "", "Claims, computed from this run's data:", ""]
   lines.append(format_claims(results))
   return "\n".join(lines)
-
-
-_TITLES = {"mlp-sigmoid": "sigmoid MLP", "mlp-relu": "ReLU MLP", "mlp-tanh": "tanh MLP"}
-
-
-def network_title(name: str) -> str:
-  """``'mlp-sigmoid-BN'`` -> ``'sigmoid MLP'``; any CNN -> ``'CNN'``."""
-  base = name.rsplit("-", 1)[0]
-  return "CNN" if base.startswith("cnn") else _TITLES.get(base, base)
-
-
-def _fmt(v: float | None) -> str:
-  return "-" if v is None else f"{v:.3f}"
 
 
 def _acc(row: dict | None) -> str:
@@ -220,7 +223,7 @@ def _acc(row: dict | None) -> str:
 
 
 def _mean_std(mean: float | None, std: float | None) -> str:
-  return "-" if mean is None else f"{_fmt(mean)} ± {_fmt(std)}"
+  return "-" if mean is None else f"{format_number(mean)} ± {format_number(std)}"
 
 
 def _steps(row: dict | None) -> str:

@@ -21,28 +21,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn import BNOptions
 from jaxbn import data as data_lib
 from jaxbn import engine
 from jaxbn import models
-from jaxbn.core import BNOptions
 from jaxbn.population import population_stats
 from jaxbn.reproduce.claims import check_claims
 from jaxbn.reproduce.config import PERCENTILES
 from jaxbn.reproduce.config import Config
+from jaxbn.reproduce.config import Network
 from jaxbn.reproduce.config import load_data
-from jaxbn.reproduce.report import _clean
 from jaxbn.reproduce.report import machine
 from jaxbn.reproduce.report import summarize
+from jaxbn.reproduce.report import to_json
 
 
 @dataclasses.dataclass(frozen=True)
 class _Net:
-  name: str
+  network: Network
   init: Callable[[jax.Array], tuple[Any, Any]]
   # apply(params, state, x, *, train, **bn_kwargs) -> (logits, new_state, probe)
   apply: Callable[..., tuple[jax.Array, Any, jax.Array]]
-  use_bn: bool
   vectorize: bool  # vmap over runs (conv under vmap is slow on CPU: loop instead)
+
+  @property
+  def name(self) -> str:
+    return self.network.name
+
+  @property
+  def use_bn(self) -> bool:
+    return self.network.bn
 
 
 def _gaussian_kernels(params: Any, key: jax.Array, std: float) -> Any:
@@ -56,7 +64,13 @@ def _gaussian_kernels(params: Any, key: jax.Array, std: float) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def _mlp_net(in_features: int, activation: str, use_bn: bool, init_std: float) -> _Net:
+def _mlp_net(
+  in_features: int,
+  activation: str,
+  use_bn: bool,
+  init_std: float,
+  bn_options: BNOptions,
+) -> _Net:
   def init(key):
     params, state = models.init_mlp(key, in_features, (100, 100, 100), 10, use_bn=use_bn)
     return _gaussian_kernels(params, jax.random.fold_in(key, 1), init_std), state
@@ -69,15 +83,19 @@ def _mlp_net(in_features: int, activation: str, use_bn: bool, init_std: float) -
       train=train,
       activation=activation,
       return_preactivations=True,
-      bn_options=BNOptions(**bn_kwargs),
+      bn_options=bn_options._replace(**bn_kwargs),
     )
     return logits, state, pre[-1][:, 0]  # the input to one sigmoid of the last hidden layer
 
-  bn = "BN" if use_bn else "plain"
-  return _Net(f"mlp-{activation}-{bn}", init, apply, use_bn, vectorize=True)
+  return _Net(Network("mlp", activation, use_bn), init, apply, vectorize=True)
 
 
-def _cnn_net(image_shape: tuple[int, ...], features: tuple[int, ...], use_bn: bool) -> _Net:
+def _cnn_net(
+  image_shape: tuple[int, ...],
+  features: tuple[int, ...],
+  use_bn: bool,
+  bn_options: BNOptions,
+) -> _Net:
   h, w, c = image_shape
 
   def init(key):
@@ -85,11 +103,16 @@ def _cnn_net(image_shape: tuple[int, ...], features: tuple[int, ...], use_bn: bo
 
   def apply(params, state, x, *, train, **bn_kwargs):
     logits, state, pre = models.apply_cnn(
-      params, state, x, train=train, return_preactivations=True, bn_options=BNOptions(**bn_kwargs)
+      params,
+      state,
+      x,
+      train=train,
+      return_preactivations=True,
+      bn_options=bn_options._replace(**bn_kwargs),
     )
     return logits, state, pre[-1][..., 0].reshape(-1)
 
-  return _Net(f"cnn-relu-{'BN' if use_bn else 'plain'}", init, apply, use_bn, vectorize=False)
+  return _Net(Network("cnn", "relu", use_bn), init, apply, vectorize=False)
 
 
 def _population_evaluator(net: _Net, ds: data_lib.Dataset, evaluate_all: Callable) -> Callable:
@@ -184,12 +207,12 @@ def _train_net(
         "lr": r,
         "seed": s,
         "diverged": not bool(trained.finite[i]),
-        "test_accuracy": _clean(accs[i]),
-        "percentiles": _clean(pcts[i]),
-        "population_accuracy": None if pop is None else _clean(pop[i]),
+        "test_accuracy": to_json(accs[i]),
+        "percentiles": to_json(pcts[i]),
+        "population_accuracy": None if pop is None else to_json(pop[i]),
         "steps_to_target": _first_crossing(accs[i], eval_steps, target),
-        "accuracy_running_average": _clean(np.mean(accs[i, last])),
-        "accuracy_population": None if pop is None else _clean(np.mean(pop[i, last])),
+        "accuracy_running_average": to_json(np.mean(accs[i, last])),
+        "accuracy_population": None if pop is None else to_json(np.mean(pop[i, last])),
       }
     )
   return {"name": net.name, "use_bn": net.use_bn, "eval_steps": eval_steps, "runs": run_records}
@@ -230,16 +253,16 @@ def reproduce(config: Config) -> dict:
     flat = ds.flat()
     for activation in config.activations:
       for use_bn in (False, True):
-        net = _mlp_net(flat.x_train.shape[1], activation, use_bn, config.init_std)
-        networks.append(
-          _train_net(net, flat, config.lrs, config.seeds, steps=config.steps, **common)
+        net = _mlp_net(
+          flat.x_train.shape[1], activation, use_bn, config.init_std, config.bn_options
         )
+        steps = config.steps_of(net.network)
+        networks.append(_train_net(net, flat, config.lrs, config.seeds, steps=steps, **common))
   if config.model in ("cnn", "both"):
     for use_bn in (False, True):
-      net = _cnn_net(ds.x_train.shape[1:], config.cnn_features, use_bn)
-      networks.append(
-        _train_net(net, ds, config.cnn_lrs, config.seeds, steps=config.cnn_steps_, **common)
-      )
+      net = _cnn_net(ds.x_train.shape[1:], config.cnn_features, use_bn, config.bn_options)
+      steps = config.steps_of(net.network)
+      networks.append(_train_net(net, ds, config.cnn_lrs, config.seeds, steps=steps, **common))
   results = {
     "config": dataclasses.asdict(config),
     "dataset": {

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbn.training.state import Batch
 from jaxbn.training.state import TrainState
-from jaxbn.training.state import _train_step
+from jaxbn.training.state import train_step
 
 
 def data_parallel_mesh(axis_name: str = "batch", devices: Any = None) -> Mesh:
@@ -185,7 +185,7 @@ def data_parallel_train_step(
   replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
   jitted = jax.jit(
     functools.partial(
-      _train_step, use_running_average=use_running_average, update_batch_stats=update_batch_stats
+      train_step, use_running_average=use_running_average, update_batch_stats=update_batch_stats
     ),
     out_shardings=replicated,
   )
@@ -263,7 +263,13 @@ def shard_map_train_step(
   (axis_name,) = mesh.axis_names
 
   def step(state, batch):
-    state, metrics = _train_step(state, batch, use_running_average, update_batch_stats, axis_name)
+    state, metrics = train_step(
+      state,
+      batch,
+      use_running_average=use_running_average,
+      update_batch_stats=update_batch_stats,
+      axis_name=axis_name,
+    )
     stats = state.batch_stats
     if any(_varies_over(s, axis_name) for s in jax.tree.leaves(stats)):
       import warnings

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -11,7 +13,9 @@ import optax
 from flax.training import train_state as flax_train_state
 
 from jaxbn.engine import accuracy
-from jaxbn.engine import batch_indices
+from jaxbn.engine import cross_entropy
+from jaxbn.engine import optimizer_promotion
+from jaxbn.engine import train_loop
 from jaxbn.training.masks import freeze_bn_affine
 
 Batch = tuple[Any, Any]
@@ -35,12 +39,10 @@ class TrainState(flax_train_state.TrainState):
   def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
     """One optimizer update (``step + 1``); ``kwargs`` replace other fields.
 
-    optax's own code (e.g. Adam's bias correction ``decay**count``) mixes
-    Python floats with int32 arrays, which ``jax_numpy_dtype_promotion=
-    'strict'`` rejects; the update runs under standard promotion so that
-    a strict configuration elsewhere does not break the optimizer.
+    The update runs under :func:`jaxbn.engine.optimizer_promotion`, so that
+    a strict dtype promotion elsewhere does not break optax.
     """
-    with jax.numpy_dtype_promotion("standard"):
+    with optimizer_promotion():
       return super().apply_gradients(grads=grads, **kwargs)
 
 
@@ -99,36 +101,7 @@ def _loss_fn(params, state: TrainState, batch: Batch, use_running_average: bool,
   else:
     logits, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
     new_stats = updates.get("batch_stats", state.batch_stats) if update else state.batch_stats
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-  return loss, (new_stats, logits)
-
-
-def _train_step(
-  state: TrainState,
-  batch: Batch,
-  use_running_average: bool = False,
-  update_batch_stats: bool = True,
-  axis_name: Any = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  def loss(params):
-    value, aux = _loss_fn(params, state, batch, use_running_average, update_batch_stats)
-    if axis_name is not None:
-      # The mean over the global batch (equal shards); JAX sums the gradient of
-      # the replicated params over devices.
-      value = jax.lax.pmean(value, axis_name)
-    return value, aux
-
-  (value, (new_stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-  acc = accuracy(logits, batch[1])
-  if axis_name is not None:
-    acc = jax.lax.pmean(acc, axis_name)
-  state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-  return state, {"loss": value, "accuracy": acc}
-
-
-_STATIC = ("use_running_average", "update_batch_stats")
-
-_train_step_jit = jax.jit(_train_step, static_argnames=_STATIC)
+  return cross_entropy(logits, y), (new_stats, logits)
 
 
 def train_step(
@@ -137,12 +110,14 @@ def train_step(
   *,
   use_running_average: bool = False,
   update_batch_stats: bool = True,
+  axis_name: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One jit-compiled optimizer step on ``batch = (x, y)``.
 
-  The loss is ``mean(softmax_cross_entropy(model(x, train=True), y))``; it
-  returns ``(loss, (new_batch_stats, logits))`` (``has_aux``), so the running
-  statistics computed in the forward pass come out with the gradient.
+  The loss is ``mean(softmax_cross_entropy(model(x, train=True), y))``
+  (:func:`jaxbn.engine.cross_entropy`); it returns ``(loss,
+  (new_batch_stats, logits))`` (``has_aux``), so the running statistics
+  computed in the forward pass come out with the gradient.
 
   Args:
     state: a :class:`TrainState`.
@@ -151,6 +126,9 @@ def train_step(
       frozen in inference mode; the statistics are not updated).
     update_batch_stats: False normalizes with the batch statistics but keeps
       the running ones unchanged.
+    axis_name: inside ``jax.shard_map``, the mesh axis the batch is split
+      over: the loss and accuracy are averaged over it, so that they are the
+      global batch's (:func:`shard_map_train_step` passes it); None outside.
 
   Returns:
     ``(new_state, {'loss': ..., 'accuracy': ...})`` (scalars of this batch).
@@ -170,9 +148,34 @@ def train_step(
     >>> int(state.step), sorted(metrics)
     (1, ['accuracy', 'loss'])
   """
-  return _train_step_jit(
-    state, batch, use_running_average=use_running_average, update_batch_stats=update_batch_stats
+  # Every flag passed by keyword: jit keys its cache on the keywords given.
+  return _train_step(
+    state,
+    batch,
+    use_running_average=use_running_average,
+    update_batch_stats=update_batch_stats,
+    axis_name=axis_name,
   )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("use_running_average", "update_batch_stats", "axis_name")
+)
+def _train_step(state, batch, *, use_running_average, update_batch_stats, axis_name):
+  def loss(params):
+    value, aux = _loss_fn(params, state, batch, use_running_average, update_batch_stats)
+    if axis_name is not None:
+      # The mean over the global batch (equal shards); JAX sums the gradient of
+      # the replicated params over devices.
+      value = jax.lax.pmean(value, axis_name)
+    return value, aux
+
+  (value, (new_stats, logits)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+  acc = accuracy(logits, batch[1])
+  if axis_name is not None:
+    acc = jax.lax.pmean(acc, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+  return state, {"loss": value, "accuracy": acc}
 
 
 @jax.jit
@@ -189,8 +192,7 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   logits = state.apply_fn(
     {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
   )
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-  return {"loss": loss, "accuracy": accuracy(logits, y)}
+  return {"loss": cross_entropy(logits, y), "accuracy": accuracy(logits, y)}
 
 
 def evaluate(state: TrainState, x: Any, y: Any, *, batch_size: int = 1024) -> dict[str, float]:
@@ -227,7 +229,7 @@ def fit(
   steps: int | None = None,
   seed: int = 0,
   eval_data: tuple[Any, Any] | None = None,
-  eval_every: int | None = None,
+  eval_every: int | Sequence[int] | None = None,
   progress: bool = False,
   step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]] | None = None,
   use_running_average: bool = False,
@@ -235,7 +237,8 @@ def fit(
 ) -> tuple[TrainState, dict[str, list[float]]]:
   """Trains ``state`` on ``(x, y)`` with shuffled mini-batches.
 
-  Epoch ``e`` visits the examples in the order
+  The loop is :func:`jaxbn.engine.train_loop`, one :func:`train_step` (or
+  ``step_fn``) call per batch. Epoch ``e`` visits the examples in the order
   :func:`jaxbn.data.epoch_order` ``(seed, e, len(x))``, in batches of
   ``batch_size`` (the last partial batch dropped; the order of
   :func:`jaxbn.engine.batch_indices`), and the batch of a step is found from
@@ -250,9 +253,13 @@ def fit(
     epochs: number of epochs to run (of ``len(x) // batch_size`` steps).
     steps: number of steps to run instead (exactly one of the two).
     seed: seed of the shuffles.
-    eval_data: ``(x_test, y_test)``, evaluated with :func:`evaluate` every
-      ``eval_every`` steps (default: each epoch) and at the end.
-    eval_every: steps between evaluations.
+    eval_data: ``(x_test, y_test)``, evaluated with :func:`evaluate` as
+      ``eval_every`` says.
+    eval_every: with ``eval_data``, when to evaluate, counted in
+      ``state.step`` (:func:`jaxbn.engine.eval_points`): an int ``k``
+      evaluates at every multiple of ``k`` from the step the run starts at
+      (step 0 is before training) and after the last step; a sequence lists
+      the steps. Default: each epoch (``len(x) // batch_size``).
     progress: show a tqdm progress bar (off by default: a library call prints nothing).
     step_fn: the step to use (default :func:`train_step` with the two flags
       below), e.g. :func:`data_parallel_train_step`'s.
@@ -272,80 +279,53 @@ def fit(
     >>> y = (x[:, 0] > 0).astype(np.int32)
     >>> state = training.create_train_state(
     ...   models.MLP(features=(8,), num_classes=2), optax.adam(0.05), x[:1])
-    >>> state, history = training.fit(state, x, y, batch_size=16, epochs=2)
-    >>> int(state.step), len(history['loss'])
-    (8, 8)
+    >>> state, history = training.fit(state, x, y, batch_size=16, epochs=2,
+    ...                               eval_data=(x, y))
+    >>> int(state.step), len(history['loss']), history['eval_step']
+    (8, 8, [0, 4, 8])
   """
   n = len(x)
-  if len(y) != n:
-    raise ValueError(f"fit: x and y differ in length: {n} and {len(y)}.")
-  if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-    raise ValueError(f"fit: batch_size must be an int in [1, {n}] (len(x)), got {batch_size!r}.")
-  if (epochs is None) == (steps is None):
-    raise ValueError(f"fit: give exactly one of epochs and steps, got {epochs=} and {steps=}.")
-  per_epoch = n // batch_size
-  total = steps if steps is not None else epochs * per_epoch
-  if eval_every is None:
-    eval_every = per_epoch
+  if eval_every is None and isinstance(batch_size, int) and 1 <= batch_size <= n:
+    eval_every = n // batch_size  # else train_loop names the bad batch_size
   if step_fn is None:
-
-    def step_fn(state, batch):
-      return train_step(
-        state,
-        batch,
-        use_running_average=use_running_average,
-        update_batch_stats=update_batch_stats,
-      )
-
-  history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
-  if eval_data is not None:
-    history.update(eval_step=[], eval_loss=[], eval_accuracy=[])
-  pending: list[dict] = []
-
-  def flush():
-    for m in jax.device_get(pending):
-      history["loss"].append(float(m["loss"]))
-      history["accuracy"].append(float(m["accuracy"]))
-    pending.clear()
-
-  def run_eval(step: int):
-    flush()
-    m = evaluate(state, *eval_data)
-    history["eval_step"].append(step)
-    history["eval_loss"].append(m["loss"])
-    history["eval_accuracy"].append(m["accuracy"])
-    if bar is not None:
-      bar.set_postfix(
-        loss=f"{history['loss'][-1]:.4f}" if history["loss"] else "-",
-        test_acc=f"{m['accuracy']:.4f}",
-      )
-
+    step_fn = functools.partial(
+      train_step, use_running_average=use_running_average, update_batch_stats=update_batch_stats
+    )
   start = int(state.step)
-  order, order_epoch = None, -1
-  bar = None
-  if progress:
-    from jaxbn.extras import require  # tqdm imported only when asked: it warns in some notebooks
 
-    tqdm = require("tqdm.auto", "jaxbn.training.fit(progress=True)").tqdm
-    bar = tqdm(total=total, desc="fit", leave=False)
-  for step in range(start, start + total):
-    epoch, index = divmod(step, per_epoch)
-    if epoch != order_epoch:
-      order = batch_indices(seed, n, per_epoch, batch_size, start=epoch * per_epoch)
-      order_epoch = epoch
-    idx = order[index]
-    state, metrics = step_fn(state, (x[idx], y[idx]))
-    pending.append(metrics)
-    history["step"].append(step + 1)
-    if eval_data is not None and (step + 1 - start) % eval_every == 0:
-      run_eval(step + 1)
-    if bar is not None:
-      bar.update()
-  flush()
-  if eval_data is not None and (
-    not history["eval_step"] or history["eval_step"][-1] != start + total
-  ):
-    run_eval(start + total)
-  if bar is not None:
-    bar.close()
+  def segment(idx, evaluate_now, tick):
+    nonlocal state
+    metrics = []
+    for ix in idx:
+      state, m = step_fn(state, (x[ix], y[ix]))
+      metrics.append(m)
+      tick(1)
+    return metrics, evaluate(state, *eval_data) if evaluate_now else None
+
+  ran = train_loop(
+    segment,
+    n,
+    len(y),
+    steps=steps,
+    epochs=epochs,
+    batch_size=batch_size,
+    seed=seed,
+    start=start,
+    eval_every=eval_every if eval_data is not None else None,
+    evaluate_start=lambda: evaluate(state, *eval_data),
+    on_eval=lambda step, m: {"test_acc": f"{m['accuracy']:.4f}"},
+    progress=progress,
+    desc="fit",
+    name="fit",
+  )
+  per_step = jax.device_get([m for metrics in ran.metrics for m in metrics])
+  history = {
+    "step": list(range(start + 1, start + 1 + len(per_step))),
+    "loss": [float(m["loss"]) for m in per_step],
+    "accuracy": [float(m["accuracy"]) for m in per_step],
+  }
+  if eval_data is not None:
+    history["eval_step"] = ran.eval_steps
+    history["eval_loss"] = [m["loss"] for m in ran.evals]
+    history["eval_accuracy"] = [m["accuracy"] for m in ran.evals]
   return state, history
