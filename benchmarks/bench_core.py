@@ -14,6 +14,12 @@ output std on ``1e4 + N(0, 1)`` input (exactness far from zero).
 Usage:
   python benchmarks/bench_core.py [--reps 30] [--shapes small|all] [--reuse-memory]
   python benchmarks/bench_core.py --bandwidth [--reps 30]
+  python benchmarks/bench_core.py --bytes
+
+``--bytes`` times nothing: it prints XLA's cost analysis of each compiled train
+step (``bytes accessed``: every op's operands and results counted in full, as
+if each came from memory) for both steps above, in MB and in arrays of ``x``'s
+size, and jaxbn's bytes over flax's.
 
 ``--reuse-memory`` runs the same measurement with glibc told to keep freed
 memory (``MALLOC_MMAP_THRESHOLD_`` and friends), so that XLA's per-call
@@ -31,6 +37,7 @@ import statistics
 import sys
 import time
 
+import bench_models
 import flax
 import flax.linen as nn
 import jax
@@ -64,11 +71,8 @@ def _time(fn, *args) -> float:
   return time.perf_counter() - t0
 
 
-def _temp_bytes(fn, *args) -> int | None:
-  try:
-    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
-  except Exception:  # some backends report no analysis
-    return None
+def _compiled(fn, *args):
+  return fn.lower(*args).compile()
 
 
 def _output_std_far_from_zero(train_fn, shape_c: int) -> float:
@@ -76,15 +80,28 @@ def _output_std_far_from_zero(train_fn, shape_c: int) -> float:
   return float(jnp.max(jnp.abs(jnp.std(train_fn(x), 0) - 1))) + 1
 
 
+def _setup(shape):
+  """The input, the output's cotangent, and a fresh jaxbn layer and flax module for it."""
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  ct = jax.random.normal(jax.random.key(2), shape)
+  params, state = jaxbn.bn_init(shape[-1])
+  module = nn.BatchNorm(use_running_average=False)
+  return x, ct, params, state, module, module.init(jax.random.key(1), x[:2])
+
+
+def _train_steps(shape):
+  """``x`` and the jitted ``value_and_grad`` train steps of jaxbn and flax, with arguments."""
+  x, ct, params, state, module, variables = _setup(shape)
+  return x, {
+    "jaxbn": (_jaxbn_step(params, state, ct), (params, x)),
+    "flax": (_flax_step(module, variables["batch_stats"], ct), (variables["params"], x)),
+  }
+
+
 def bench(shape, reps: int) -> dict:
   c = shape[-1]
-  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
-  params, state = jaxbn.bn_init(c)
-  module = nn.BatchNorm(use_running_average=False)
-  variables = module.init(jax.random.key(1), x[:2])
+  x, ct, params, state, module, variables = _setup(shape)
   fparams, fstats = variables["params"], variables["batch_stats"]
-
-  ct = jax.random.normal(jax.random.key(2), shape)
   ours = _jaxbn_step(params, state, ct)
   theirs = _flax_step(module, fstats, ct)
   infer = jax.jit(lambda x: jaxbn.bn_infer(params, state, x))
@@ -123,8 +140,8 @@ def bench(shape, reps: int) -> dict:
     "ratio": med["jaxbn"] / med["flax"],
     "infer_vs_copy": med["infer"] / med["np_copy"],
     "infer_vs_affine": med["infer"] / med["xla_affine"],
-    "temp_jaxbn": _temp_bytes(ours, params, x),
-    "temp_flax": _temp_bytes(theirs, fparams, x),
+    "temp_jaxbn": bench_models.temp_bytes(_compiled(ours, params, x)),
+    "temp_flax": bench_models.temp_bytes(_compiled(theirs, fparams, x)),
     "std_jaxbn": std_ours,
     "std_flax": std_flax,
   }
@@ -140,12 +157,23 @@ def bandwidth(shape, reps: int) -> dict:
   one read and one write. Effective bandwidth = those minimal bytes / median
   time; the last column is its fraction of the copy's.
   """
-  c = shape[-1]
-  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
-  dy = jax.random.normal(jax.random.key(2), shape)
-  params, state = jaxbn.bn_init(c)
-  module = nn.BatchNorm(use_running_average=False)
-  variables = module.init(jax.random.key(1), x[:2])
+  x, fns = _vjp_steps(shape)
+  fns["copy"] = (jax.jit(lambda x: x + 0), (x,))
+  for fn, a in fns.values():
+    jax.block_until_ready(fn(*a))
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, (fn, a) in fns.items():
+      times[k].append(_time(fn, *a))
+  size = x.size * x.dtype.itemsize
+  med = {k: statistics.median(v) for k, v in times.items()}
+  gbs = {k: (2 if k == "copy" else 4) * size / med[k] / 1e9 for k in fns}
+  return {"shape": shape, "ms": {k: v * 1e3 for k, v in med.items()}, "gbs": gbs}
+
+
+def _vjp_steps(shape):
+  """``x`` and the jitted ``(x, dy) -> (y, grads, state)`` steps of jaxbn and flax."""
+  x, dy, params, state, module, variables = _setup(shape)
 
   def ours(p, x, dy):
     y, vjp, new = jax.vjp(lambda p, x: jaxbn.bn_train(p, state, x), p, x, has_aux=True)
@@ -158,21 +186,20 @@ def bandwidth(shape, reps: int) -> dict:
     y, vjp, new = jax.vjp(f, p, x, has_aux=True)
     return y, vjp(dy), new
 
-  fns = {
+  return x, {
     "jaxbn": (jax.jit(ours), (params, x, dy)),
     "flax": (jax.jit(theirs), (variables["params"], x, dy)),
-    "copy": (jax.jit(lambda x: x + 0), (x,)),
   }
-  for fn, a in fns.values():
-    jax.block_until_ready(fn(*a))
-  times = {k: [] for k in fns}
-  for _ in range(reps):
+
+
+def bytes_moved(shape) -> dict:
+  """XLA's bytes accessed of the train steps of :func:`bench` and :func:`bandwidth`."""
+  out = {}
+  for step, steps in (("train", _train_steps), ("vjp", _vjp_steps)):
+    x, fns = steps(shape)
     for k, (fn, a) in fns.items():
-      times[k].append(_time(fn, *a))
-  size = x.size * x.dtype.itemsize
-  med = {k: statistics.median(v) for k, v in times.items()}
-  gbs = {k: (2 if k == "copy" else 4) * size / med[k] / 1e9 for k in fns}
-  return {"shape": shape, "ms": {k: v * 1e3 for k, v in med.items()}, "gbs": gbs}
+      out[step, k] = bench_models.bytes_accessed(_compiled(fn, *a))
+  return {"shape": shape, "size": x.size * x.dtype.itemsize, "bytes": out}
 
 
 def _mib(b):
@@ -187,6 +214,9 @@ def main():
   ap.add_argument(
     "--bandwidth", action="store_true", help="effective bandwidth against a copy instead"
   )
+  ap.add_argument(
+    "--bytes", action="store_true", help="XLA's bytes accessed per step instead (no timing)"
+  )
   args = ap.parse_args()
   if args.reuse_memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     env = dict(
@@ -198,6 +228,27 @@ def main():
     os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start
   shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
   dev = jax.devices()[0]
+  if args.bytes:
+    print(
+      f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform}: XLA cost analysis, "
+      "bytes accessed in MB (arrays of x's size)\n"
+      "| shape | train step jaxbn | train step flax | jaxbn / flax | "
+      "vjp step jaxbn | vjp step flax | jaxbn / flax |\n" + "|---" * 7 + "|"
+    )
+    for s in shapes:
+      r = bytes_moved(s)
+      b, n = r["bytes"], r["size"]
+      cells = [
+        f"{b[step, k] / 1e6:.0f} ({b[step, k] / n:.1f})"
+        for step in ("train", "vjp")
+        for k in ("jaxbn", "flax")
+      ]
+      ratios = [b[step, "jaxbn"] / b[step, "flax"] for step in ("train", "vjp")]
+      print(
+        f"| {s} | {cells[0]} | {cells[1]} | {ratios[0]:.2f} | "
+        f"{cells[2]} | {cells[3]} | {ratios[1]:.2f} |"
+      )
+    return
   print(
     f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform} "
     f"({platform.machine()}, {os.cpu_count()} cores), median of {args.reps} interleaved runs"

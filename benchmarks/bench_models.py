@@ -275,7 +275,7 @@ def build(model_name: str, norm: Callable[..., nn.Module], batch: int, seed: int
   return compiled, args
 
 
-def _bytes_accessed(compiled) -> float | None:
+def bytes_accessed(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
   except Exception:  # some backends report no analysis
@@ -285,7 +285,7 @@ def _bytes_accessed(compiled) -> float | None:
   return (cost or {}).get("bytes accessed")
 
 
-def _temp_bytes(compiled) -> int | None:
+def temp_bytes(compiled) -> int | None:
   try:
     return compiled.memory_analysis().temp_size_in_bytes
   except Exception:
@@ -351,8 +351,8 @@ def bench(model_name: str, batch: int, reps: int, blocks: int) -> dict:
     "ratio_range": {
       k: (min(v), max(v)) if v else (float("nan"),) * 2 for k, v in ratio_blocks.items()
     },
-    "bytes": {n: _bytes_accessed(steps[n]) for n in names},
-    "temp": {n: _temp_bytes(steps[n]) for n in names},
+    "bytes": {n: bytes_accessed(steps[n]) for n in names},
+    "temp": {n: temp_bytes(steps[n]) for n in names},
   }
 
 
