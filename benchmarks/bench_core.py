@@ -15,11 +15,16 @@ Usage:
   python benchmarks/bench_core.py [--reps 30] [--shapes small|all] [--reuse-memory]
   python benchmarks/bench_core.py --bandwidth [--reps 30]
   python benchmarks/bench_core.py --bytes
+  python benchmarks/bench_core.py --profile [--reps 30]
 
 ``--bytes`` times nothing: it prints XLA's cost analysis of each compiled train
 step (``bytes accessed``: every op's operands and results counted in full, as
 if each came from memory) for both steps above, in MB and in arrays of ``x``'s
-size, and jaxbn's bytes over flax's.
+size, and jaxbn's bytes over flax's. ``--profile`` traces the interleaved
+train steps with ``jax.profiler`` and gives each op's fastest time over the
+runs: each op whose result is one array of ``x``'s shape (a full-size write),
+their sum, and the sum of the rest (reductions, per-feature arithmetic, and
+fusions with several results).
 
 ``--reuse-memory`` runs the same measurement with glibc told to keep freed
 memory (``MALLOC_MMAP_THRESHOLD_`` and friends), so that XLA's per-call
@@ -30,11 +35,13 @@ computation from the allocator.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import bench_models
@@ -49,16 +56,21 @@ import jaxbn
 SHAPES = [(256, 1024), (1024, 4096), (64, 32, 32, 64), (32, 56, 56, 128)]
 
 
-def _jaxbn_step(params, state, ct):
-  def loss(p, x):
+# The running statistics are arguments of each compiled step, as in a model's
+# train step: closed over, they are constants, and XLA folds jaxbn's shift by
+# the running mean (zero at initialization) out of the statistics' sums.
+
+
+def _jaxbn_step(ct):
+  def loss(p, x, state):
     y, new_state = jaxbn.bn_train(p, state, x)
     return jnp.sum(y * ct), new_state
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _flax_step(module, stats, ct):
-  def loss(p, x):
+def _flax_step(module, ct):
+  def loss(p, x, stats):
     y, upd = module.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
     return jnp.sum(y * ct), upd["batch_stats"]
 
@@ -93,8 +105,8 @@ def _train_steps(shape):
   """``x`` and the jitted ``value_and_grad`` train steps of jaxbn and flax, with arguments."""
   x, ct, params, state, module, variables = _setup(shape)
   return x, {
-    "jaxbn": (_jaxbn_step(params, state, ct), (params, x)),
-    "flax": (_flax_step(module, variables["batch_stats"], ct), (variables["params"], x)),
+    "jaxbn": (_jaxbn_step(ct), (params, x, state)),
+    "flax": (_flax_step(module, ct), (variables["params"], x, variables["batch_stats"])),
   }
 
 
@@ -102,16 +114,16 @@ def bench(shape, reps: int) -> dict:
   c = shape[-1]
   x, ct, params, state, module, variables = _setup(shape)
   fparams, fstats = variables["params"], variables["batch_stats"]
-  ours = _jaxbn_step(params, state, ct)
-  theirs = _flax_step(module, fstats, ct)
+  ours = _jaxbn_step(ct)
+  theirs = _flax_step(module, ct)
   infer = jax.jit(lambda x: jaxbn.bn_infer(params, state, x))
   xla_copy = jax.jit(lambda x: x.copy())
   xla_affine = jax.jit(lambda x: x * 1.5 + 0.5)
   x_np = np.asarray(x)
 
   warm = (
-    (ours, (params, x)),
-    (theirs, (fparams, x)),
+    (ours, (params, x, state)),
+    (theirs, (fparams, x, fstats)),
     (infer, (x,)),
     (xla_copy, (x,)),
     (xla_affine, (x,)),
@@ -120,8 +132,8 @@ def bench(shape, reps: int) -> dict:
     jax.block_until_ready(fn(*args))  # compile and warm up
   times = {k: [] for k in ("jaxbn", "flax", "infer", "xla_copy", "xla_affine", "np_copy")}
   for _ in range(reps):
-    times["flax"].append(_time(theirs, fparams, x))
-    times["jaxbn"].append(_time(ours, params, x))
+    times["flax"].append(_time(theirs, fparams, x, fstats))
+    times["jaxbn"].append(_time(ours, params, x, state))
     times["infer"].append(_time(infer, x))
     times["xla_copy"].append(_time(xla_copy, x))
     times["xla_affine"].append(_time(xla_affine, x))
@@ -140,8 +152,8 @@ def bench(shape, reps: int) -> dict:
     "ratio": med["jaxbn"] / med["flax"],
     "infer_vs_copy": med["infer"] / med["np_copy"],
     "infer_vs_affine": med["infer"] / med["xla_affine"],
-    "temp_jaxbn": bench_models.temp_bytes(_compiled(ours, params, x)),
-    "temp_flax": bench_models.temp_bytes(_compiled(theirs, fparams, x)),
+    "temp_jaxbn": bench_models.temp_bytes(_compiled(ours, params, x, state)),
+    "temp_flax": bench_models.temp_bytes(_compiled(theirs, fparams, x, fstats)),
     "std_jaxbn": std_ours,
     "std_flax": std_flax,
   }
@@ -175,20 +187,20 @@ def _vjp_steps(shape):
   """``x`` and the jitted ``(x, dy) -> (y, grads, state)`` steps of jaxbn and flax."""
   x, dy, params, state, module, variables = _setup(shape)
 
-  def ours(p, x, dy):
+  def ours(p, x, dy, state):
     y, vjp, new = jax.vjp(lambda p, x: jaxbn.bn_train(p, state, x), p, x, has_aux=True)
     return y, vjp(dy), new
 
-  def theirs(p, x, dy):
+  def theirs(p, x, dy, stats):
     def f(p, x):
-      return module.apply({**variables, "params": p}, x, mutable=["batch_stats"])
+      return module.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
 
     y, vjp, new = jax.vjp(f, p, x, has_aux=True)
     return y, vjp(dy), new
 
   return x, {
-    "jaxbn": (jax.jit(ours), (params, x, dy)),
-    "flax": (jax.jit(theirs), (variables["params"], x, dy)),
+    "jaxbn": (jax.jit(ours), (params, x, dy, state)),
+    "flax": (jax.jit(theirs), (variables["params"], x, dy, variables["batch_stats"])),
   }
 
 
@@ -200,6 +212,31 @@ def bytes_moved(shape) -> dict:
     for k, (fn, a) in fns.items():
       out[step, k] = bench_models.bytes_accessed(_compiled(fn, *a))
   return {"shape": shape, "size": x.size * x.dtype.itemsize, "bytes": out}
+
+
+def op_profile(shape, reps: int, trace_dir: str) -> dict:
+  """Per-op times of the train steps of :func:`bench`, from one trace of interleaved runs."""
+  x, fns = _train_steps(shape)
+  compiled = {k: _compiled(fn, *a) for k, (fn, a) in fns.items()}
+  ops = {k: bench_models.hlo_ops(c) for k, c in compiled.items()}
+  runs = {k: functools.partial(_time, compiled[k], *a) for k, (_, a) in fns.items()}
+  for run in runs.values():
+    run()
+  costs, walls = bench_models.traced_op_times(runs, ops, reps, trace_dir)
+  full = f"[{','.join(map(str, x.shape))}]"
+  out = {}
+  for k in fns:
+    writes = sorted(
+      (t for op, t in costs[k].items() if t and ops[k][op].shape.startswith(f"f32{full}")),
+      reverse=True,
+    )
+    out[k] = {
+      "writes": writes,
+      "rest": sum(costs[k].values()) - sum(writes),
+      "all": sum(costs[k].values()),
+      "fastest": min(walls[k]),
+    }
+  return out
 
 
 def _mib(b):
@@ -217,6 +254,7 @@ def main():
   ap.add_argument(
     "--bytes", action="store_true", help="XLA's bytes accessed per step instead (no timing)"
   )
+  ap.add_argument("--profile", action="store_true", help="per-op times of the train steps instead")
   args = ap.parse_args()
   if args.reuse_memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     env = dict(
@@ -228,6 +266,24 @@ def main():
     os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start
   shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
   dev = jax.devices()[0]
+  if args.profile:
+    print(
+      f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform} ({os.cpu_count()} cores): "
+      f"each op's fastest time over {args.reps} interleaved runs, ms\n"
+      "| shape | step | each op whose result is one array of x's shape | their sum | "
+      "other ops | all ops | fastest step |\n" + "|---" * 7 + "|"
+    )
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as trace_dir:
+      for s in shapes:
+        p = op_profile(s, args.reps, os.path.join(trace_dir, "x".join(map(str, s))))
+        for k, r in p.items():
+          print(
+            f"| {s} | {k} | {', '.join(f'{t:.2f}' for t in r['writes'])} | "
+            f"{sum(r['writes']):.2f} | {r['rest']:.2f} | {r['all']:.2f} | {r['fastest']:.2f} |"
+          )
+    print(f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    return
   if args.bytes:
     print(
       f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform}: XLA cost analysis, "
