@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slo
 
 torch.set_num_threads(1)  # the test machines are small and shared
 
-# The largest differences measured against torch 2.13 (AVX-512 and
-# --xla_cpu_max_isa=AVX2 alike): one layer 6 eps (float32 training output) and
+# The largest differences measured against torch 2.13 on AVX-512 (no larger
+# under --xla_cpu_max_isa=AVX2): one layer 6 eps (float32 training output) and
 # 11 eps (float32 dscale, a sum over the batch); the CNN 13 eps (float64 running
 # mean, 2.9e-15) and 6 eps (float32 logits after fine-tuning, 7.2e-7).
 LAYER_EPS = 16
