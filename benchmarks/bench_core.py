@@ -14,6 +14,17 @@ output std on ``1e4 + N(0, 1)`` input (exactness far from zero).
 Usage:
   python benchmarks/bench_core.py [--reps 30] [--shapes small|all] [--reuse-memory]
   python benchmarks/bench_core.py --bandwidth [--reps 30]
+  python benchmarks/bench_core.py --bytes
+  python benchmarks/bench_core.py --profile [--reps 30]
+
+``--bytes`` times nothing: it prints XLA's cost analysis of each compiled train
+step (``bytes accessed``: every op's operands and results counted in full, as
+if each came from memory) for both steps above, in MB and in arrays of ``x``'s
+size, and jaxbn's bytes over flax's. ``--profile`` traces the interleaved
+train steps with ``jax.profiler`` and gives each op's fastest time over the
+runs: each op whose result is one array of ``x``'s shape (a full-size write),
+their sum, and the sum of the rest (reductions, per-feature arithmetic, and
+fusions with several results).
 
 ``--reuse-memory`` runs the same measurement with glibc told to keep freed
 memory (``MALLOC_MMAP_THRESHOLD_`` and friends), so that XLA's per-call
@@ -24,13 +35,16 @@ computation from the allocator.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
+import bench_models
 import flax
 import flax.linen as nn
 import jax
@@ -42,16 +56,21 @@ import jaxbn
 SHAPES = [(256, 1024), (1024, 4096), (64, 32, 32, 64), (32, 56, 56, 128)]
 
 
-def _jaxbn_step(params, state, ct):
-  def loss(p, x):
+# The running statistics are arguments of each compiled step, as in a model's
+# train step: closed over, they are constants, and XLA folds jaxbn's shift by
+# the running mean (zero at initialization) out of the statistics' sums.
+
+
+def _jaxbn_step(ct):
+  def loss(p, x, state):
     y, new_state = jaxbn.bn_train(p, state, x)
     return jnp.sum(y * ct), new_state
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _flax_step(module, stats, ct):
-  def loss(p, x):
+def _flax_step(module, ct):
+  def loss(p, x, stats):
     y, upd = module.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
     return jnp.sum(y * ct), upd["batch_stats"]
 
@@ -64,11 +83,8 @@ def _time(fn, *args) -> float:
   return time.perf_counter() - t0
 
 
-def _temp_bytes(fn, *args) -> int | None:
-  try:
-    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
-  except Exception:  # some backends report no analysis
-    return None
+def _compiled(fn, *args):
+  return fn.lower(*args).compile()
 
 
 def _output_std_far_from_zero(train_fn, shape_c: int) -> float:
@@ -76,25 +92,38 @@ def _output_std_far_from_zero(train_fn, shape_c: int) -> float:
   return float(jnp.max(jnp.abs(jnp.std(train_fn(x), 0) - 1))) + 1
 
 
+def _setup(shape):
+  """The input, the output's cotangent, and a fresh jaxbn layer and flax module for it."""
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  ct = jax.random.normal(jax.random.key(2), shape)
+  params, state = jaxbn.bn_init(shape[-1])
+  module = nn.BatchNorm(use_running_average=False)
+  return x, ct, params, state, module, module.init(jax.random.key(1), x[:2])
+
+
+def _train_steps(shape):
+  """``x`` and the jitted ``value_and_grad`` train steps of jaxbn and flax, with arguments."""
+  x, ct, params, state, module, variables = _setup(shape)
+  return x, {
+    "jaxbn": (_jaxbn_step(ct), (params, x, state)),
+    "flax": (_flax_step(module, ct), (variables["params"], x, variables["batch_stats"])),
+  }
+
+
 def bench(shape, reps: int) -> dict:
   c = shape[-1]
-  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
-  params, state = jaxbn.bn_init(c)
-  module = nn.BatchNorm(use_running_average=False)
-  variables = module.init(jax.random.key(1), x[:2])
+  x, ct, params, state, module, variables = _setup(shape)
   fparams, fstats = variables["params"], variables["batch_stats"]
-
-  ct = jax.random.normal(jax.random.key(2), shape)
-  ours = _jaxbn_step(params, state, ct)
-  theirs = _flax_step(module, fstats, ct)
+  ours = _jaxbn_step(ct)
+  theirs = _flax_step(module, ct)
   infer = jax.jit(lambda x: jaxbn.bn_infer(params, state, x))
   xla_copy = jax.jit(lambda x: x.copy())
   xla_affine = jax.jit(lambda x: x * 1.5 + 0.5)
   x_np = np.asarray(x)
 
   warm = (
-    (ours, (params, x)),
-    (theirs, (fparams, x)),
+    (ours, (params, x, state)),
+    (theirs, (fparams, x, fstats)),
     (infer, (x,)),
     (xla_copy, (x,)),
     (xla_affine, (x,)),
@@ -103,8 +132,8 @@ def bench(shape, reps: int) -> dict:
     jax.block_until_ready(fn(*args))  # compile and warm up
   times = {k: [] for k in ("jaxbn", "flax", "infer", "xla_copy", "xla_affine", "np_copy")}
   for _ in range(reps):
-    times["flax"].append(_time(theirs, fparams, x))
-    times["jaxbn"].append(_time(ours, params, x))
+    times["flax"].append(_time(theirs, fparams, x, fstats))
+    times["jaxbn"].append(_time(ours, params, x, state))
     times["infer"].append(_time(infer, x))
     times["xla_copy"].append(_time(xla_copy, x))
     times["xla_affine"].append(_time(xla_affine, x))
@@ -123,8 +152,8 @@ def bench(shape, reps: int) -> dict:
     "ratio": med["jaxbn"] / med["flax"],
     "infer_vs_copy": med["infer"] / med["np_copy"],
     "infer_vs_affine": med["infer"] / med["xla_affine"],
-    "temp_jaxbn": _temp_bytes(ours, params, x),
-    "temp_flax": _temp_bytes(theirs, fparams, x),
+    "temp_jaxbn": bench_models.temp_bytes(_compiled(ours, params, x, state)),
+    "temp_flax": bench_models.temp_bytes(_compiled(theirs, fparams, x, fstats)),
     "std_jaxbn": std_ours,
     "std_flax": std_flax,
   }
@@ -140,29 +169,8 @@ def bandwidth(shape, reps: int) -> dict:
   one read and one write. Effective bandwidth = those minimal bytes / median
   time; the last column is its fraction of the copy's.
   """
-  c = shape[-1]
-  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
-  dy = jax.random.normal(jax.random.key(2), shape)
-  params, state = jaxbn.bn_init(c)
-  module = nn.BatchNorm(use_running_average=False)
-  variables = module.init(jax.random.key(1), x[:2])
-
-  def ours(p, x, dy):
-    y, vjp, new = jax.vjp(lambda p, x: jaxbn.bn_train(p, state, x), p, x, has_aux=True)
-    return y, vjp(dy), new
-
-  def theirs(p, x, dy):
-    def f(p, x):
-      return module.apply({**variables, "params": p}, x, mutable=["batch_stats"])
-
-    y, vjp, new = jax.vjp(f, p, x, has_aux=True)
-    return y, vjp(dy), new
-
-  fns = {
-    "jaxbn": (jax.jit(ours), (params, x, dy)),
-    "flax": (jax.jit(theirs), (variables["params"], x, dy)),
-    "copy": (jax.jit(lambda x: x + 0), (x,)),
-  }
+  x, fns = _vjp_steps(shape)
+  fns["copy"] = (jax.jit(lambda x: x + 0), (x,))
   for fn, a in fns.values():
     jax.block_until_ready(fn(*a))
   times = {k: [] for k in fns}
@@ -173,6 +181,62 @@ def bandwidth(shape, reps: int) -> dict:
   med = {k: statistics.median(v) for k, v in times.items()}
   gbs = {k: (2 if k == "copy" else 4) * size / med[k] / 1e9 for k in fns}
   return {"shape": shape, "ms": {k: v * 1e3 for k, v in med.items()}, "gbs": gbs}
+
+
+def _vjp_steps(shape):
+  """``x`` and the jitted ``(x, dy) -> (y, grads, state)`` steps of jaxbn and flax."""
+  x, dy, params, state, module, variables = _setup(shape)
+
+  def ours(p, x, dy, state):
+    y, vjp, new = jax.vjp(lambda p, x: jaxbn.bn_train(p, state, x), p, x, has_aux=True)
+    return y, vjp(dy), new
+
+  def theirs(p, x, dy, stats):
+    def f(p, x):
+      return module.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+
+    y, vjp, new = jax.vjp(f, p, x, has_aux=True)
+    return y, vjp(dy), new
+
+  return x, {
+    "jaxbn": (jax.jit(ours), (params, x, dy, state)),
+    "flax": (jax.jit(theirs), (variables["params"], x, dy, variables["batch_stats"])),
+  }
+
+
+def bytes_moved(shape) -> dict:
+  """XLA's bytes accessed of the train steps of :func:`bench` and :func:`bandwidth`."""
+  out = {}
+  for step, steps in (("train", _train_steps), ("vjp", _vjp_steps)):
+    x, fns = steps(shape)
+    for k, (fn, a) in fns.items():
+      out[step, k] = bench_models.bytes_accessed(_compiled(fn, *a))
+  return {"shape": shape, "size": x.size * x.dtype.itemsize, "bytes": out}
+
+
+def op_profile(shape, reps: int, trace_dir: str) -> dict:
+  """Per-op times of the train steps of :func:`bench`, from one trace of interleaved runs."""
+  x, fns = _train_steps(shape)
+  compiled = {k: _compiled(fn, *a) for k, (fn, a) in fns.items()}
+  ops = {k: bench_models.hlo_ops(c) for k, c in compiled.items()}
+  runs = {k: functools.partial(_time, compiled[k], *a) for k, (_, a) in fns.items()}
+  for run in runs.values():
+    run()
+  costs, walls = bench_models.traced_op_times(runs, ops, reps, trace_dir)
+  full = f"[{','.join(map(str, x.shape))}]"
+  out = {}
+  for k in fns:
+    writes = sorted(
+      (t for op, t in costs[k].items() if t and ops[k][op].shape.startswith(f"f32{full}")),
+      reverse=True,
+    )
+    out[k] = {
+      "writes": writes,
+      "rest": sum(costs[k].values()) - sum(writes),
+      "all": sum(costs[k].values()),
+      "fastest": min(walls[k]),
+    }
+  return out
 
 
 def _mib(b):
@@ -187,6 +251,10 @@ def main():
   ap.add_argument(
     "--bandwidth", action="store_true", help="effective bandwidth against a copy instead"
   )
+  ap.add_argument(
+    "--bytes", action="store_true", help="XLA's bytes accessed per step instead (no timing)"
+  )
+  ap.add_argument("--profile", action="store_true", help="per-op times of the train steps instead")
   args = ap.parse_args()
   if args.reuse_memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     env = dict(
@@ -198,6 +266,45 @@ def main():
     os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start
   shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
   dev = jax.devices()[0]
+  if args.profile:
+    print(
+      f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform} ({os.cpu_count()} cores): "
+      f"each op's fastest time over {args.reps} interleaved runs, ms\n"
+      "| shape | step | each op whose result is one array of x's shape | their sum | "
+      "other ops | all ops | fastest step |\n" + "|---" * 7 + "|"
+    )
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as trace_dir:
+      for s in shapes:
+        p = op_profile(s, args.reps, os.path.join(trace_dir, "x".join(map(str, s))))
+        for k, r in p.items():
+          print(
+            f"| {s} | {k} | {', '.join(f'{t:.2f}' for t in r['writes'])} | "
+            f"{sum(r['writes']):.2f} | {r['rest']:.2f} | {r['all']:.2f} | {r['fastest']:.2f} |"
+          )
+    print(f"1-minute load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    return
+  if args.bytes:
+    print(
+      f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform}: XLA cost analysis, "
+      "bytes accessed in MB (arrays of x's size)\n"
+      "| shape | train step jaxbn | train step flax | jaxbn / flax | "
+      "vjp step jaxbn | vjp step flax | jaxbn / flax |\n" + "|---" * 7 + "|"
+    )
+    for s in shapes:
+      r = bytes_moved(s)
+      b, n = r["bytes"], r["size"]
+      cells = [
+        f"{b[step, k] / 1e6:.0f} ({b[step, k] / n:.1f})"
+        for step in ("train", "vjp")
+        for k in ("jaxbn", "flax")
+      ]
+      ratios = [b[step, "jaxbn"] / b[step, "flax"] for step in ("train", "vjp")]
+      print(
+        f"| {s} | {cells[0]} | {cells[1]} | {ratios[0]:.2f} | "
+        f"{cells[2]} | {cells[3]} | {ratios[1]:.2f} |"
+      )
+    return
   print(
     f"jax {jax.__version__}, flax {flax.__version__}, {dev.platform} "
     f"({platform.machine()}, {os.cpu_count()} cores), median of {args.reps} interleaved runs"

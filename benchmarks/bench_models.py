@@ -275,7 +275,7 @@ def build(model_name: str, norm: Callable[..., nn.Module], batch: int, seed: int
   return compiled, args
 
 
-def _bytes_accessed(compiled) -> float | None:
+def bytes_accessed(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
   except Exception:  # some backends report no analysis
@@ -285,7 +285,7 @@ def _bytes_accessed(compiled) -> float | None:
   return (cost or {}).get("bytes accessed")
 
 
-def _temp_bytes(compiled) -> int | None:
+def temp_bytes(compiled) -> int | None:
   try:
     return compiled.memory_analysis().temp_size_in_bytes
   except Exception:
@@ -351,8 +351,8 @@ def bench(model_name: str, batch: int, reps: int, blocks: int) -> dict:
     "ratio_range": {
       k: (min(v), max(v)) if v else (float("nan"),) * 2 for k, v in ratio_blocks.items()
     },
-    "bytes": {n: _bytes_accessed(steps[n]) for n in names},
-    "temp": {n: _temp_bytes(steps[n]) for n in names},
+    "bytes": {n: bytes_accessed(steps[n]) for n in names},
+    "temp": {n: temp_bytes(steps[n]) for n in names},
   }
 
 
@@ -430,7 +430,7 @@ class _Op(NamedTuple):
   operands: tuple[str, ...]
 
 
-def _hlo_ops(compiled) -> dict[str, _Op]:
+def hlo_ops(compiled) -> dict[str, _Op]:
   """The instructions of the entry computation of a compiled step, in schedule order."""
   text = compiled.as_text()
   ops = {}
@@ -488,30 +488,27 @@ def op_category(name: str, shape: str, op_name: str) -> str:
   return "other (loss, pooling, optimizer)"
 
 
-def profile(model_name: str, batch: int, reps: int, trace_dir: str) -> dict:
-  """Per-op times of the four steps from one ``jax.profiler`` trace of interleaved runs.
+def traced_op_times(runs: dict, ops: dict, reps: int, trace_dir: str) -> tuple[dict, dict]:
+  """Times every op of interleaved runs from one ``jax.profiler`` trace.
 
-  Each op's time is its minimum over the ``reps`` rounds (a run slowed by
-  another process is never faster), summed per :func:`op_category`.
+  Args:
+    runs: name -> a callable that runs one step and waits for it.
+    ops: name -> the op names of that step's compiled program (:func:`hlo_ops`).
+    reps: rounds; each runs every step once, in rotating order.
+    trace_dir: where the trace is written.
+
+  Returns:
+    ``(costs, walls)``: ``costs[name]`` maps each op to its fastest time over
+    the rounds in ms (a run slowed by another process is never faster);
+    ``walls[name]`` lists each run's wall time in ms.
   """
-  names = list(NORMS)
-  steps, state, consts, ops = {}, {}, {}, {}
-  for name in names:
-    compiled, args = build(model_name, NORMS[name], batch)
-    steps[name], ops[name] = compiled, _hlo_ops(compiled)
-    state[name], consts[name] = args[:3], args[3:]
-    for _ in range(2):
-      out = compiled(*state[name], *consts[name])
-      jax.block_until_ready(out)
-      state[name] = out[:3]
+  names = list(runs)
   jax.profiler.start_trace(trace_dir)
   for r in range(reps):
     k = r % len(names)
     for name in names[k:] + names[:k]:
       with jax.profiler.TraceAnnotation(f"step|{name}|{r}"):
-        out = steps[name](*state[name], *consts[name])
-        jax.block_until_ready(out)
-      state[name] = out[:3]
+        runs[name]()
   jax.profiler.stop_trace()
 
   (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -534,9 +531,39 @@ def profile(model_name: str, batch: int, reps: int, trace_dir: str) -> dict:
     i = bisect.bisect_right(starts, t) - 1
     if i >= 0 and t <= windows[i][1] and op in ops[windows[i][2]]:
       per_round[windows[i][2], windows[i][3]][op] += dur
+  costs = {
+    name: {op: min(per_round[name, r].get(op, 0) for r in range(reps)) / 1e6 for op in ops[name]}
+    for name in names
+  }
+  return costs, walls
+
+
+def profile(model_name: str, batch: int, reps: int, trace_dir: str) -> dict:
+  """Per-op times of the four steps from one ``jax.profiler`` trace of interleaved runs.
+
+  Each op's time is its minimum over the ``reps`` rounds (a run slowed by
+  another process is never faster), summed per :func:`op_category`.
+  """
+  names = list(NORMS)
+  steps, state, consts, ops = {}, {}, {}, {}
+
+  def run(name):
+    out = steps[name](*state[name], *consts[name])
+    jax.block_until_ready(out)
+    state[name] = out[:3]
+
+  for name in names:
+    compiled, args = build(model_name, NORMS[name], batch)
+    steps[name], ops[name] = compiled, hlo_ops(compiled)
+    state[name], consts[name] = args[:3], args[3:]
+    for _ in range(2):
+      run(name)
+  costs, walls = traced_op_times(
+    {name: functools.partial(run, name) for name in names}, ops, reps, trace_dir
+  )
   cats = {}
   for name in names:
-    cost = {op: min(per_round[name, r].get(op, 0) for r in range(reps)) / 1e6 for op in ops[name]}
+    cost = costs[name]
     c = collections.Counter()
     for op, o in ops[name].items():
       c[op_category(op, o.shape, o.op_name)] += cost[op]
