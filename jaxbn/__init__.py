@@ -28,8 +28,8 @@ from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.core import checkpoint_names
 from jaxbn.core import renorm_schedule
-from jaxbn.core import stats_dtype
 from jaxbn.folding import fold_bn
+from jaxbn.numerics import stats_dtype
 from jaxbn.population import population_stats
 
 __version__ = "0.2.0"

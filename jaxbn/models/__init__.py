@@ -35,7 +35,7 @@ References:
   three hidden layers of 100 sigmoid units).
 """
 
-from jaxbn.models._common import PREACTIVATION
+from jaxbn.models.common import PREACTIVATION
 from jaxbn.models.functional import apply_cnn
 from jaxbn.models.functional import apply_mlp
 from jaxbn.models.functional import fold_params
