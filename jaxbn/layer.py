@@ -265,8 +265,10 @@ class BNLayer:
   ) -> tuple[BNParams, BNState | BNAccState]:
     """``(params, state)`` from entries by name; a missing one as :func:`jaxbn.bn_init` makes it.
 
-    The missing statistics take the dtype of ``mean``; a missing ``scale``
-    (``bias``) is 1 (0) in ``param_dtype``.
+    The missing entries take the shape of ``mean``, the missing statistics
+    its dtype; a missing ``scale`` (``bias``) is 1 (0) in ``param_dtype``.
+    Shapes are not compared here: :func:`jaxbn.bn_train` and the other
+    consumers name the arrays that differ.
     """
     missing = [k for k in ("mean", "var") if k not in stats]
     if missing:
@@ -275,13 +277,8 @@ class BNLayer:
         f"{sorted(stats)})."
       )
     mean = jnp.asarray(stats["mean"])
-    shape = tuple(mean.shape)
-    if self.feature_shape is not None and shape != tuple(self.feature_shape):
-      raise ValueError(
-        f"{fn}: 'mean' has shape {shape}, but the layer's feature shape is "
-        f"{tuple(self.feature_shape)}."
-      )
-    layer = self if self.feature_shape is not None else self.replace(feature_shape=shape)
+    # The entries' own shape: the core names arrays of different layers when they meet.
+    layer = self.replace(feature_shape=tuple(mean.shape))
     p0, s0 = layer.init()
     p = {**p0._asdict(), **{k: params[k] for k in PARAM_NAMES if k in params}}
     full = dict(zip(BNState._fields, s0[:4], strict=True))
@@ -346,10 +343,7 @@ class BNLayer:
     stats = {
       k: module.variable("batch_stats", k, lambda v=v: v) for k, v in self.entries(None, s0).items()
     }
-    # Shapes unchecked here: the core names a state of another shape, with the layer's path.
-    p, s = self.replace(feature_shape=None).from_entries(
-      params, {k: v.value for k, v in stats.items()}
-    )
+    p, s = self.from_entries(params, {k: v.value for k, v in stats.items()})
     path = "/".join(module.path) or "(top level)"
     y, new = self.normalize(
       p,

@@ -64,7 +64,7 @@ def stats_dtype(dtype: Any) -> jnp.dtype:
   float64 for float64 (with ``jax_enable_x64``; without it JAX has no
   float64 arrays), float32 for every other floating dtype: reductions run in
   at least float32, and a bfloat16 or float16 model keeps float32 running
-  statistics (in half precision ``0.99 * mean`` cannot move).
+  statistics (in half precision an average with a momentum near 1 cannot move).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -262,7 +262,8 @@ class FoldedLinen:
       y = next_fun(*a, **kw)
       if mod.use_bias:  # the layer adds the folded bias itself
         return y
-      return y + mod.get_variable("params", "bias").astype(y.dtype)
+      bias = mod.get_variable("params", "bias").astype(y.dtype)
+      return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
     with nn.intercept_methods(intercept):
       return self.model.apply(variables, *args, **kwargs)
