@@ -172,7 +172,7 @@ class BNLayer:
     if feature_shape is None and getattr(module, "mean", None) is not None:
       feature_shape = jnp.shape(module.mean[...])
     return cls(
-      feature_shape=None if feature_shape is None else tuple(int(s) for s in feature_shape),
+      feature_shape=None if feature_shape is None else tuple(feature_shape),
       options=options,
       param_dtype=getattr(module, "param_dtype", jnp.float32),
       use_scale=bool(getattr(module, "use_scale", True)),

@@ -151,8 +151,8 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _max_pool(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, SAME padding (``flax.linen.max_pool``'s)."""
-  init = jnp.array(-jnp.inf, x.dtype)
-  return jax.lax.reduce_window(x, init, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+  # A Python scalar initial value: JAX recognizes the max-reduction (and its gradient).
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
 
 
 def init_cnn(
