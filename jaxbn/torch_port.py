@@ -346,10 +346,7 @@ def from_torch(
   c = t.num_features
   ref = next((v for v in t[:4] if v is not None), None)
   dtype = jnp.dtype(_to_numpy(ref).dtype) if ref is not None else _default_dtype()
-  if t.weight is not None:
-    params = BNParams(scale=_to_jax(t.weight), bias=_to_jax(t.bias))
-  else:
-    params = BNParams(scale=jnp.ones((c,), dtype), bias=jnp.zeros((c,), dtype))
+  params = {} if t.weight is None else {"scale": _to_jax(t.weight), "bias": _to_jax(t.bias)}
   sdtype = stats_dtype(dtype if t.running_mean is None else _to_numpy(t.running_mean).dtype)
   if t.running_mean is None:
     mean, var = jnp.zeros((c,), sdtype), jnp.ones((c,), sdtype)
@@ -365,13 +362,14 @@ def from_torch(
     count = PORTED_COUNT
   else:
     count = float(steps) * float(batch_values)
-  state = BNState(
-    mean=mean,
-    var=var,
-    count=jnp.full((c,), count, sdtype),
-    step=jnp.asarray(steps, jnp.int32),
-  )
-  return params, state
+  stats = {
+    "mean": mean,
+    "var": var,
+    "count": jnp.full((c,), count, sdtype),
+    "step": jnp.asarray(steps, jnp.int32),
+  }
+  # Without affine parameters, scale 1 and bias 0 in the tensors' dtype.
+  return BNLayer(param_dtype=dtype).from_entries(params, stats, fn=fn)
 
 
 def _default_dtype() -> Any:
