@@ -66,8 +66,9 @@ class BatchNorm(nn.Module):
   - ``use_fast_variance`` and ``force_float32_reductions`` are accepted and
     have no effect: jaxbn always computes the variance two-pass in at least
     float32, because flax's one-pass ``E[x^2] - E[x]^2`` loses every digit far
-    from zero (``x = 1e4 + N(0, 1)`` gives an output std of 158 instead of 1),
-    and reduced-precision reductions lose the statistics of long batches. The
+    from zero (on a ``(256, 8)`` batch of ``1e4 + N(0, 1)`` its per-feature
+    output standard deviations range from 0.16 to 327 instead of 1), and
+    reduced-precision reductions lose the statistics of long batches. The
     results equal flax's with ``use_fast_variance=False``.
   - The output has ``dtype`` if given, else the input's dtype (flax returns
     float32 for bfloat16 input with float32 parameters).
@@ -265,7 +266,7 @@ def linen_population_stats(
   batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
   layers = _stats_paths(fn, batch_stats)
   # The running statistics alone: population_stats updates each once per batch.
-  states = {"/".join(p): BNState(*BNLayer().read_linen(e)[1][:4]) for p, e in layers.items()}
+  states = {"/".join(p): BNLayer().read_linen(e)[1] for p, e in layers.items()}
 
   def forward(variables, states, x, **bn_kwargs):
     new: dict[str, BNState] = {}

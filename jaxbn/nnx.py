@@ -28,7 +28,6 @@ from flax.nnx.nn import initializers
 
 from jaxbn.core import DEFAULTS
 from jaxbn.core import BNOptions
-from jaxbn.core import BNState
 from jaxbn.core import Renorm
 from jaxbn.layer import STAT_NAMES
 from jaxbn.layer import BNLayer
@@ -314,7 +313,9 @@ def nnx_population_stats(
   if not layers:
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
   # The running statistics alone: population_stats updates each once per batch.
-  states = {k: BNState(*BNLayer.of(bn).read_nnx(bn)[1][:4]) for k, bn in layers.items()}
+  states = {
+    k: BNLayer.of(bn).replace(accumulate_steps=1).read_nnx(bn)[1] for k, bn in layers.items()
+  }
   graphdef, nnx_state = nnx.split(model)
 
   def forward(nnx_state, states, x, **bn_kwargs):
