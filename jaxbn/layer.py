@@ -229,8 +229,6 @@ class BNLayer:
 
   def init(self) -> tuple[BNParams, BNState | BNAccState]:
     """Fresh ``(params, state)``: :func:`jaxbn.bn_init` of this layer."""
-    if self.feature_shape is None:
-      raise ValueError("BNLayer.init: the layer has no feature_shape; give one.")
     return bn_init(
       self.feature_shape, dtype=self.param_dtype, accumulate_steps=self.options.accumulate_steps
     )

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
@@ -153,16 +152,6 @@ class BatchNorm(nnx.Module):
     accumulate_steps: int = DEFAULTS.accumulate_steps,
     options: BNOptions | None = None,
   ):
-    if isinstance(num_features, (int, np.integer)):
-      shape = (int(num_features),)
-    elif isinstance(num_features, (tuple, list)):
-      shape = tuple(int(s) if isinstance(s, (int, np.integer)) else s for s in num_features)
-    else:
-      shape = ()
-    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-      raise ValueError(
-        f"BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
-      )
     options = merge_options(
       "jaxbn.nnx.BatchNorm",
       options,
@@ -179,8 +168,13 @@ class BatchNorm(nnx.Module):
         "accumulate_steps": accumulate_steps,
       },
     )
-    layer = BNLayer(shape, options, param_dtype, use_scale, use_bias)
-    stored = layer.entries(None, layer.init()[1])
+    layer = BNLayer(num_features, options, param_dtype, use_scale, use_bias)
+    try:
+      _, state = layer.init()  # bn_init checks num_features and param_dtype
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"jaxbn.nnx.BatchNorm: {e}") from None
+    shape = tuple(state.mean.shape)
+    stored = layer.entries(None, state)
     for name in STAT_NAMES:  # every entry an attribute; None where not stored
       setattr(self, name, nnx.data(nnx.BatchStat(stored[name]) if name in stored else None))
     self.scale: nnx.Param | None
