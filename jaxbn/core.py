@@ -719,7 +719,9 @@ def bn_train(
   The options come as one :class:`BNOptions` (``options``, default
   :data:`DEFAULTS`) or as keywords; a keyword given overrides that field of
   ``options``, and a keyword left out takes it from ``options``. The
-  defaults below are :class:`BNOptions`'.
+  defaults below are :class:`BNOptions`'. The options fix the compiled step:
+  under ``jax.jit`` close over them (or mark ``options`` static) rather than
+  pass them as traced arguments.
 
   Args:
     params: :class:`BNParams` (``scale``, ``bias``).
