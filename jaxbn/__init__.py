@@ -2,9 +2,10 @@
 
 The pure core imports only jax, chex and numpy: ``bn_init``, ``bn_train`` and
 ``bn_infer`` (:mod:`jaxbn.core`), statistics and their exact merges
-(:mod:`jaxbn.numerics`), population statistics (:mod:`jaxbn.population`) and
-folding one layer (:mod:`jaxbn.folding`). Everything built on frameworks is
-imported on first use: the flax shells (:mod:`jaxbn.linen`,
+(:mod:`jaxbn.numerics`), one layer's variables in every form
+(:class:`BNLayer`, :mod:`jaxbn.layer`), population statistics
+(:mod:`jaxbn.population`) and folding one layer (:mod:`jaxbn.folding`).
+Everything built on frameworks is imported on first use: the flax shells (:mod:`jaxbn.linen`,
 :mod:`jaxbn.nnx`), models (:mod:`jaxbn.models`), optax training
 (:mod:`jaxbn.training`), the PyTorch port (:mod:`jaxbn.torch_port`), so
 ``import jaxbn`` loads none of flax, optax, orbax, scikit-learn, matplotlib,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from jaxbn import layer
 from jaxbn import numerics
 from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
@@ -28,8 +30,9 @@ from jaxbn.core import bn_init
 from jaxbn.core import bn_train
 from jaxbn.core import checkpoint_names
 from jaxbn.core import renorm_schedule
-from jaxbn.core import stats_dtype
 from jaxbn.folding import fold_bn
+from jaxbn.layer import BNLayer
+from jaxbn.numerics import stats_dtype
 from jaxbn.population import population_stats
 
 __version__ = "0.2.0"
@@ -82,6 +85,7 @@ def __dir__() -> list[str]:
 
 __all__ = (
   "BNAccState",
+  "BNLayer",
   "BNOptions",
   "BNParams",
   "BNState",
@@ -105,6 +109,7 @@ __all__ = (
   "from_torch",
   "from_torch_linen",
   "from_torch_nnx",
+  "layer",
   "linen",
   "linen_population_stats",
   "models",

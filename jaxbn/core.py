@@ -44,6 +44,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from jaxbn import numerics
+from jaxbn.numerics import stats_dtype
 
 Array = jax.Array
 Axis = int | Sequence[int]
@@ -143,17 +144,19 @@ class Renorm(NamedTuple):
 class BNOptions(NamedTuple):
   """Every option of :func:`bn_train` as one value, for models and modules.
 
-  ``bn_train(params, state, x, **options._asdict())`` trains with them; the
-  flax modules and :mod:`jaxbn.models` take one ``BNOptions`` instead of
-  repeating each option. See :func:`bn_train` for their meaning.
+  ``bn_train(params, state, x, options)`` trains with them (a keyword such as
+  ``momentum=...`` given as well overrides that field); the flax modules,
+  :class:`jaxbn.layer.BNLayer` and :mod:`jaxbn.models` take one ``BNOptions``
+  instead of repeating each option. The defaults below are the library's
+  only copy of them (:data:`DEFAULTS`). See :func:`bn_train` for their
+  meaning.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> import jaxbn
     >>> opts = jaxbn.BNOptions(momentum=0.9)
     >>> params, state = jaxbn.bn_init(2)
-    >>> import jax.numpy as jnp
-    >>> _, state = jaxbn.bn_train(params, state, jnp.array([[0.0, 1.0], [2.0, 3.0]]),
-    ...                           **opts._asdict())
+    >>> _, state = jaxbn.bn_train(params, state, jnp.array([[0.0, 1.0], [2.0, 3.0]]), opts)
     >>> [round(m, 4) for m in state.mean.tolist()]  # 0.9 * 0 + 0.1 * batch mean
     [0.1, 0.2]
   """
@@ -168,6 +171,37 @@ class BNOptions(NamedTuple):
   ema_warmup: bool = False
   running_var: str = "biased"
   accumulate_steps: int = 1
+
+
+DEFAULTS = BNOptions()
+"""The default options, read by every signature that needs one of them."""
+
+
+class _FromOptions:
+  """The default of :func:`bn_train`'s option keywords: the field of its ``options``.
+
+  ``None`` cannot play this role: ``momentum=None`` is an option of its own.
+  """
+
+  def __repr__(self) -> str:
+    return "<from options>"
+
+
+FROM_OPTIONS: Any = _FromOptions()
+
+
+def _options(fn: str, options: Any, overrides: dict[str, Any]) -> BNOptions:
+  """``options`` (default :data:`DEFAULTS`) with the keywords given explicitly."""
+  if options is None:
+    options = DEFAULTS
+  elif not isinstance(options, BNOptions):
+    raise TypeError(
+      f"{fn}: options (the 4th positional argument) must be a jaxbn.BNOptions or None, got "
+      f"{type(options).__name__}; pass the other options as keywords, e.g. {fn}(params, "
+      f"state, x, momentum=0.9)."
+    )
+  given = {k: v for k, v in overrides.items() if v is not FROM_OPTIONS}
+  return options._replace(**given) if given else options
 
 
 def renorm_schedule(
@@ -211,9 +245,8 @@ def bn_init(
 
   ``scale = 1``, ``bias = 0`` (in ``dtype``); ``mean = 0``, ``var = 1``,
   ``count = 0`` and ``step = 0`` (int32), as in flax and PyTorch. The
-  statistics are float64 for a float64 model and float32 otherwise (a
-  bfloat16 or float16 model still keeps float32 statistics: in half
-  precision ``0.99 * mean`` cannot move).
+  statistics are float64 for a float64 model and float32 otherwise
+  (:func:`stats_dtype`).
 
   Args:
     num_features: the size of the feature axis (a tuple for several feature
@@ -272,23 +305,6 @@ def _check_accumulate_steps(fn: str, k: Any) -> None:
       f"{fn}: accumulate_steps must be a positive int (the micro-batches per update of the "
       f"running statistics, fixed when the step is compiled), got {k!r}."
     )
-
-
-def stats_dtype(param_dtype: Any) -> jnp.dtype:
-  """The dtype of the running statistics of a model with ``param_dtype``.
-
-  float64 for float64 models (with ``jax_enable_x64``), float32 for every
-  other floating dtype.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from jaxbn import stats_dtype
-    >>> stats_dtype(jnp.bfloat16)
-    dtype('float32')
-  """
-  if jnp.dtype(param_dtype) == jnp.float64 and jax.config.read("jax_enable_x64"):
-    return jnp.dtype(jnp.float64)
-  return jnp.dtype(jnp.float32)
 
 
 # --------------------------------------------------------------------------
@@ -651,7 +667,7 @@ def _input(x: Any) -> Any:
 
 def _compute_dtype(x: Array, state: BNState) -> jnp.dtype:
   """The wider of the input's statistics dtype and the state's."""
-  a, b = numerics.stat_dtype(x.dtype), jnp.dtype(state.mean.dtype)
+  a, b = stats_dtype(x.dtype), jnp.dtype(state.mean.dtype)
   return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
 
 
@@ -669,18 +685,19 @@ def bn_train(
   params: BNParams,
   state: BNState,
   x: Array,
+  options: BNOptions | None = None,
   *,
-  momentum: float | Array | None = 0.99,
-  epsilon: float = 1e-5,
-  axis: Axis = -1,
-  axis_name: Any = None,
-  axis_index_groups: Any = None,
   mask: Array | None = None,
-  ghost_batch_size: int | None = None,
-  renorm: Renorm | None = None,
-  ema_warmup: bool = False,
-  running_var: str = "biased",
-  accumulate_steps: int = 1,
+  momentum: float | Array | None = FROM_OPTIONS,
+  epsilon: float = FROM_OPTIONS,
+  axis: Axis = FROM_OPTIONS,
+  axis_name: Any = FROM_OPTIONS,
+  axis_index_groups: Any = FROM_OPTIONS,
+  ghost_batch_size: int | None = FROM_OPTIONS,
+  renorm: Renorm | None = FROM_OPTIONS,
+  ema_warmup: bool = FROM_OPTIONS,
+  running_var: str = FROM_OPTIONS,
+  accumulate_steps: int = FROM_OPTIONS,
 ) -> tuple[Array, BNState]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
@@ -699,12 +716,30 @@ def bn_train(
   (biased) variance of every value seen since ``bn_init`` (Chan's merge): after
   one pass over a data set it holds that data set's statistics.
 
+  The options come as one :class:`BNOptions` (``options``, default
+  :data:`DEFAULTS`) or as keywords; a keyword given overrides that field of
+  ``options``, and a keyword left out takes it from ``options``. The
+  defaults below are :class:`BNOptions`'. The options fix the compiled step:
+  under ``jax.jit`` close over them (or mark ``options`` static) rather than
+  pass them as traced arguments.
+
   Args:
     params: :class:`BNParams` (``scale``, ``bias``).
     state: :class:`BNState` (float32 running statistics).
     x: floating input; any rank >= 1. ``(N, C)`` normalizes each neuron over
       the mini-batch; ``(N, H, W, C)`` each feature map over batch and
       positions. The output has ``x``'s shape and dtype.
+    options: a :class:`BNOptions`, or ``None`` for the defaults.
+    mask: boolean, aligned with ``x``'s trailing axes as in NumPy
+      broadcasting (a mask of ``x``'s shape, or one that broadcasts to it);
+      only True positions count toward the statistics and ``state.count``.
+      To mask whole examples of an ``(N, C)`` batch pass ``mask[:, None]``
+      (shape ``(N, 1)``): an ``(N,)`` mask aligns with the last axis, the
+      features, and raises where ``N != C``. Masked positions of ``y`` hold
+      the same affine map applied to their ``x`` (normalized with the valid
+      positions' statistics); their gradient flows through that map only. A
+      feature with no valid position keeps its running statistics and is
+      normalized with its running mean and variance 0.
     momentum: weight of the old running value, or ``None`` for the cumulative
       average.
     epsilon: added to the variance before the square root.
@@ -714,15 +749,6 @@ def bn_train(
       split over; statistics are those of the whole batch, merged exactly by
       count (unequal and masked shards included).
     axis_index_groups: subgroups of ``axis_name`` normalized independently.
-    mask: boolean, with the shape of ``x`` without its feature axes (a prefix
-      of it, such as ``(N,)`` to mask whole examples, or any shape that
-      broadcasts to it), or broadcastable to ``x``; only True positions
-      count toward the statistics and
-      ``state.count``. Masked positions of ``y`` hold the same affine map
-      applied to their ``x`` (normalized with the valid positions'
-      statistics); their gradient flows through that map only. A feature with
-      no valid position keeps its running statistics and is normalized with
-      its running mean and variance 0.
     ghost_batch_size: split the batch (the first non-feature axis) into
       contiguous virtual batches of this size, each normalized with its own
       statistics (Hoffer et al. 2017). The running statistics are updated with
@@ -783,10 +809,50 @@ def bn_train(
     >>> [round(v, 4) for v in state.var.tolist()]   # 0.99 * 1 + 0.01 * batch var
     [1.0, 1.99]
 
+    Options as one value; a keyword overrides its field. Whole examples are
+    masked with an ``(N, 1)`` mask:
+
+    >>> opts = jaxbn.BNOptions(momentum=0.9, epsilon=1e-3)
+    >>> _, s = jaxbn.bn_train(params, state, x, opts, momentum=0.5)
+    >>> [round(v, 4) for v in s.mean.tolist()]  # 0.5 * 0.02 + 0.5 * 2, ...
+    [1.01, 10.1]
+    >>> x3 = jnp.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    >>> keep = jnp.array([True, True, False])  # the last example is padding
+    >>> _, s = jaxbn.bn_train(params, jaxbn.bn_init(2)[1], x3, mask=keep[:, None], momentum=None)
+    >>> s.mean.tolist(), s.count.tolist()
+    ([2.0, 20.0], [2.0, 2.0])
+
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1.
   """
   fn = "bn_train"
+  (
+    momentum,
+    epsilon,
+    axis,
+    axis_name,
+    axis_index_groups,
+    ghost_batch_size,
+    renorm,
+    ema_warmup,
+    running_var,
+    accumulate_steps,
+  ) = _options(
+    fn,
+    options,
+    {
+      "momentum": momentum,
+      "epsilon": epsilon,
+      "axis": axis,
+      "axis_name": axis_name,
+      "axis_index_groups": axis_index_groups,
+      "ghost_batch_size": ghost_batch_size,
+      "renorm": renorm,
+      "ema_warmup": ema_warmup,
+      "running_var": running_var,
+      "accumulate_steps": accumulate_steps,
+    },
+  )
   x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)
@@ -945,9 +1011,10 @@ def bn_infer(
   params: BNParams,
   state: BNState,
   x: Array,
+  options: BNOptions | None = None,
   *,
-  epsilon: float = 1e-5,
-  axis: Axis = -1,
+  epsilon: float = FROM_OPTIONS,
+  axis: Axis = FROM_OPTIONS,
 ) -> Array:
   """Normalizes ``x`` with the running statistics (Algorithm 2 of the paper).
 
@@ -964,8 +1031,11 @@ def bn_infer(
     params: :class:`BNParams`.
     state: :class:`BNState`.
     x: floating input; the output has its shape and dtype.
-    epsilon: added to the variance before the square root.
-    axis: the feature axis (int or tuple).
+    options: a :class:`BNOptions` (only ``epsilon`` and ``axis`` are read),
+      or ``None`` for the defaults; the same options as :func:`bn_train`'s.
+    epsilon: added to the variance before the square root; overrides
+      ``options.epsilon``.
+    axis: the feature axis (int or tuple); overrides ``options.axis``.
 
   Returns:
     ``y``.
@@ -982,6 +1052,8 @@ def bn_infer(
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 2.
   """
   fn = "bn_infer"
+  opts = _options(fn, options, {"epsilon": epsilon, "axis": axis})
+  epsilon, axis = opts.epsilon, opts.axis
   x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)

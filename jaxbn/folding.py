@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxbn.core import DEFAULTS
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 
@@ -31,7 +32,7 @@ def fold_bn(
   params: BNParams,
   state: BNState,
   *,
-  epsilon: float = 1e-5,
+  epsilon: float = DEFAULTS.epsilon,
 ) -> tuple[Array, Array]:
   r"""Folds an inference-mode batch norm into the layer before it.
 
@@ -52,7 +53,10 @@ def fold_bn(
     bias: its bias of shape ``(out,)``, or ``None`` for a layer without one
       (as the paper places batch norm after ``W u``, without ``b``).
     params: the batch norm's :class:`jaxbn.BNParams`, shape ``(out,)``.
-    state: its :class:`jaxbn.BNState` (the running or population statistics).
+    state: its :class:`jaxbn.BNState` or :class:`jaxbn.BNAccState` (the
+      running or population statistics; only ``mean`` and ``var`` are read).
+      A flax layer's variables give both through
+      :meth:`jaxbn.layer.BNLayer.read_linen` or ``read_nnx``.
     epsilon: the batch norm's epsilon.
 
   Returns:
@@ -76,6 +80,13 @@ def fold_bn(
     >>> [round(v, 3) for v in (x @ k + b[None])[0].tolist()]
     [4.5, 15.0]
     >>> bool(jnp.allclose(x @ k + b[None], jaxbn.bn_infer(params, state, x @ kernel)))
+    True
+
+    A ``flax.linen.BatchNorm``'s ``batch_stats`` (no ``count``, no ``step``):
+
+    >>> from jaxbn.layer import BNLayer
+    >>> p, s = BNLayer().read_linen({'mean': jnp.array([1.0, 0.0]), 'var': jnp.array([4.0, 1.0])})
+    >>> bool(jnp.array_equal(jaxbn.fold_bn(kernel, None, p, s)[1], b))
     True
 
   References:

@@ -2,8 +2,9 @@
 
 Same constructor, same variables (``mean`` and ``var`` as ``nnx.BatchStat``,
 ``scale`` and ``bias`` as ``nnx.Param``), same ``.train()`` / ``.eval()`` and
-``nnx.view(model, use_running_average=...)``. The module calls
-:func:`jaxbn.bn_train` or :func:`jaxbn.bn_infer` on its variables.
+``nnx.view(model, use_running_average=...)``. The module's
+:class:`jaxbn.layer.BNLayer` reads its variables, calls :func:`jaxbn.bn_train`
+or :func:`jaxbn.bn_infer` and writes the new statistics back.
 
 References:
   Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167.
@@ -19,18 +20,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 from flax.nnx.nn import initializers
 
-from jaxbn import _shell
-from jaxbn import numerics
-from jaxbn.core import BNAccState
-from jaxbn.core import BNParams
-from jaxbn.core import BNState
+from jaxbn.core import DEFAULTS
+from jaxbn.core import BNOptions
 from jaxbn.core import Renorm
+from jaxbn.layer import STAT_NAMES
+from jaxbn.layer import BNLayer
+from jaxbn.layer import merge_options
 from jaxbn.population import axis_bound
 from jaxbn.population import population_stats
 
@@ -67,6 +67,12 @@ class BatchNorm(nnx.Module):
   ``use_fast_variance=False``), and the output has ``dtype`` if given, else
   the input's dtype.
 
+  The batch-norm options come as flax-style keywords or as one
+  :class:`jaxbn.BNOptions` (``options``); with ``options``, a keyword left
+  at its default defers to it, and one given otherwise must agree with it.
+  Either way the module's attributes (``momentum``, ``epsilon``, ...) hold the
+  options it uses.
+
   Args:
     num_features: size of the feature axis (a tuple for several axes).
     use_running_average: normalize with the stored statistics.
@@ -96,6 +102,8 @@ class BatchNorm(nnx.Module):
       (gradient accumulation, see :func:`jaxbn.bn_train`); above 1 the layer
       also holds ``step`` and the micro-batches' moments ``acc_count``,
       ``acc_mean``, ``acc_m2``.
+    options: a :class:`jaxbn.BNOptions` holding every option above that
+      reaches the core (``None``: the keywords hold them).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -121,59 +129,54 @@ class BatchNorm(nnx.Module):
     num_features: int | Sequence[int],
     *,
     use_running_average: bool | None = False,
-    axis: int | Sequence[int] = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = DEFAULTS.axis,
+    momentum: float | None = DEFAULTS.momentum,
+    epsilon: float = DEFAULTS.epsilon,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     use_bias: bool = True,
     use_scale: bool = True,
     bias_init: Any = _ZEROS,
     scale_init: Any = _ONES,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+    axis_name: Any = DEFAULTS.axis_name,
+    axis_index_groups: Any = DEFAULTS.axis_index_groups,
     use_fast_variance: bool = True,
     promote_dtype: Any = dtypes.promote_dtype,
     rngs: nnx.Rngs,
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-    ghost_batch_size: int | None = None,
-    renorm: Renorm | None = None,
-    ema_warmup: bool = False,
-    running_var: str = "biased",
-    accumulate_steps: int = 1,
+    ghost_batch_size: int | None = DEFAULTS.ghost_batch_size,
+    renorm: Renorm | None = DEFAULTS.renorm,
+    ema_warmup: bool = DEFAULTS.ema_warmup,
+    running_var: str = DEFAULTS.running_var,
+    accumulate_steps: int = DEFAULTS.accumulate_steps,
+    options: BNOptions | None = None,
   ):
-    if isinstance(num_features, (int, np.integer)):
-      shape = (int(num_features),)
-    elif isinstance(num_features, (tuple, list)):
-      shape = tuple(int(s) if isinstance(s, (int, np.integer)) else s for s in num_features)
-    else:
-      shape = ()
-    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-      raise ValueError(
-        f"BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
-      )
-    options = _shell.Options(
-      axis=axis,
-      momentum=momentum,
-      epsilon=epsilon,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      ghost_batch_size=ghost_batch_size,
-      renorm=renorm,
-      ema_warmup=ema_warmup,
-      running_var=running_var,
-      accumulate_steps=accumulate_steps,
+    options = merge_options(
+      "jaxbn.nnx.BatchNorm",
+      options,
+      {
+        "axis": axis,
+        "momentum": momentum,
+        "epsilon": epsilon,
+        "axis_name": axis_name,
+        "axis_index_groups": axis_index_groups,
+        "ghost_batch_size": ghost_batch_size,
+        "renorm": renorm,
+        "ema_warmup": ema_warmup,
+        "running_var": running_var,
+        "accumulate_steps": accumulate_steps,
+      },
     )
-    init = _shell.initial_state(shape, param_dtype, accumulate_steps)
-    self.mean = nnx.BatchStat(init.mean)
-    self.var = nnx.BatchStat(init.var)
-    self.count = nnx.data(nnx.BatchStat(init.count) if _shell.needs_count(options) else None)
-    self.step = nnx.data(nnx.BatchStat(init.step) if _shell.needs_step(options) else None)
-    acc = init.acc if _shell.needs_accumulator(options) else None
-    self.acc_count = nnx.data(None if acc is None else nnx.BatchStat(acc.count))
-    self.acc_mean = nnx.data(None if acc is None else nnx.BatchStat(acc.mean))
-    self.acc_m2 = nnx.data(None if acc is None else nnx.BatchStat(acc.m2))
+    layer = BNLayer(num_features, options, param_dtype, use_scale, use_bias)
+    try:
+      _, state = layer.init()  # bn_init checks num_features and param_dtype
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"jaxbn.nnx.BatchNorm: {e}") from None
+    shape = tuple(state.mean.shape)
+    stored = layer.entries(None, state)
+    for name in STAT_NAMES:  # every entry an attribute; None where not stored
+      setattr(self, name, nnx.data(nnx.BatchStat(stored[name]) if name in stored else None))
     self.scale: nnx.Param | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
@@ -188,22 +191,14 @@ class BatchNorm(nnx.Module):
     self.num_features = num_features
     self.feature_shape = shape
     self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.use_bias = use_bias
     self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
-    self.ghost_batch_size = ghost_batch_size
-    self.renorm = renorm
-    self.ema_warmup = ema_warmup
-    self.running_var = running_var
-    self.accumulate_steps = accumulate_steps
+    for name, value in options._asdict().items():  # axis, momentum, epsilon, ...
+      setattr(self, name, value)
 
   def __call__(
     self,
@@ -232,25 +227,18 @@ class BatchNorm(nnx.Module):
         "constructor or the call, or use model.train() / model.eval()."
       ),
     )
-    params, state = params_and_state(self)
-    y, new = _shell.normalize(
+    layer = BNLayer.of(self)
+    params, state = layer.read_nnx(self)
+    y, new = layer.normalize(
       params,
       state,
       x,
-      _shell.options_of(self),
       use_running_average=use_running_average,
       mask=mask,
       where=f"jaxbn.nnx.BatchNorm of feature shape {self.feature_shape}",
     )
     if new is not None:
-      self.mean[...] = new.mean
-      self.var[...] = new.var
-      if self.count is not None:
-        self.count[...] = new.count
-      if self.step is not None:
-        self.step[...] = new.step
-      if self.acc_count is not None and isinstance(new, BNAccState):
-        self.acc_count[...], self.acc_mean[...], self.acc_m2[...] = new.acc
+      layer.write_nnx(self, None, new)
     return y if self.dtype is None else y.astype(self.dtype)
 
   def set_view(self, use_running_average: bool | None = None):
@@ -262,29 +250,6 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
-
-
-def params_and_state(bn: BatchNorm) -> tuple[BNParams, BNState]:
-  """The core's ``(params, state)`` read from a :class:`BatchNorm`'s variables.
-
-  ``scale`` 1 and ``bias`` 0 where the layer does not learn them; ``count`` 0
-  and ``step`` 0 where its configuration does not store them (the core then
-  never reads them).
-  """
-  shape = bn.feature_shape
-  params = BNParams(
-    scale=bn.scale[...] if bn.scale is not None else jnp.ones(shape, bn.param_dtype),
-    bias=bn.bias[...] if bn.bias is not None else jnp.zeros(shape, bn.param_dtype),
-  )
-  state = _shell.initial_state(shape, bn.param_dtype)._replace(mean=bn.mean[...], var=bn.var[...])
-  if bn.count is not None:
-    state = state._replace(count=bn.count[...])
-  if bn.step is not None:
-    state = state._replace(step=bn.step[...])
-  if bn.acc_count is not None and bn.accumulate_steps != 1:
-    acc = numerics.Moments(bn.acc_count[...], bn.acc_mean[...], bn.acc_m2[...])
-    state = BNAccState(*state, acc=acc)
-  return params, state
 
 
 # --------------------------------------------------------------------------
@@ -342,7 +307,9 @@ def nnx_population_stats(
   if not layers:
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
   # The running statistics alone: population_stats updates each once per batch.
-  states = {k: BNState(*params_and_state(bn)[1][:4]) for k, bn in layers.items()}
+  states = {
+    k: BNLayer.of(bn).replace(accumulate_steps=1).read_nnx(bn)[1] for k, bn in layers.items()
+  }
   graphdef, nnx_state = nnx.split(model)
 
   def forward(nnx_state, states, x, **bn_kwargs):
@@ -360,9 +327,7 @@ def nnx_population_stats(
       if bn.axis_name is not None and not axis_bound(bn.axis_name):
         bn.axis_name = bn.axis_index_groups = None  # whole batches: no cross-device sum
     out = copy(x, **call_kwargs)
-    return out, {
-      k: BNState(bn.mean[...], bn.var[...], bn.count[...], bn.step[...]) for k, bn in copies.items()
-    }
+    return out, {k: BNLayer.of(bn).read_nnx(bn)[1] for k, bn in copies.items()}
 
   got = population_stats(
     forward, nnx_state, states, batches, estimator=estimator, progress=progress, total=total

@@ -58,10 +58,23 @@ class Moments(NamedTuple):
   m2: Array
 
 
-def stat_dtype(dtype: Any) -> jnp.dtype:
-  """The dtype statistics are computed in: at least float32."""
-  dtype = jnp.dtype(dtype)
-  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+def stats_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype of statistics for values (or a model's parameters) of ``dtype``.
+
+  float64 for float64 (with ``jax_enable_x64``; without it JAX has no
+  float64 arrays), float32 for every other floating dtype: reductions run in
+  at least float32, and a bfloat16 or float16 model keeps float32 running
+  statistics (in half precision an average with a momentum near 1 cannot move).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import stats_dtype
+    >>> stats_dtype(jnp.bfloat16)
+    dtype('float32')
+  """
+  if jnp.dtype(dtype) == jnp.float64 and jax.config.read("jax_enable_x64"):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
 
 
 class Shifted(NamedTuple):
@@ -142,13 +155,13 @@ def shifted_sums(
     mask: optional array broadcastable to ``x``; nonzero entries count.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
-    dtype: the dtype to compute in (default ``stat_dtype(x.dtype)``).
+    dtype: the dtype to compute in (default ``stats_dtype(x.dtype)``).
 
   Returns:
     :class:`Shifted` with the reduced axes kept.
   """
   axes = tuple(axes)
-  dtype = stat_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
+  dtype = stats_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
   keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
   shift = jnp.broadcast_to(jax.lax.stop_gradient(shift).astype(dtype), keep)
   valid = None if mask is None else (mask if mask.dtype == jnp.bool_ else mask != 0)
@@ -230,7 +243,7 @@ def shifted_moments(
   ``x - shift`` loses the data's spread).
 
   Args:
-    x: floating array (computed in ``stat_dtype(x.dtype)``).
+    x: floating array (computed in ``stats_dtype(x.dtype)``).
     axes: the axes to reduce.
     mask: optional array broadcastable to ``x``; nonzero entries count.
     shift: per-feature first reference broadcastable against ``x`` with the
@@ -238,7 +251,7 @@ def shifted_moments(
       entries are replaced by 0.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
-    dtype: the dtype to compute in (default ``stat_dtype(x.dtype)``).
+    dtype: the dtype to compute in (default ``stats_dtype(x.dtype)``).
     floor: variance below which a shift's distance does not matter (see
       :func:`needs_refinement`).
     always_refine: take the second pass unconditionally, with no predicate.
@@ -251,7 +264,7 @@ def shifted_moments(
     the returned ``delta`` and ``m2`` were computed from.
   """
   axes = tuple(axes)
-  dtype = stat_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
+  dtype = stats_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
   shift = jnp.zeros((), dtype) if shift is None else jax.lax.stop_gradient(shift).astype(dtype)
   shift = jnp.where(jnp.isfinite(shift), shift, 0)
   run = functools.partial(

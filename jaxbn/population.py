@@ -98,12 +98,10 @@ def _flatten_states(fn: str, states: Any) -> tuple[list[BNState], Any]:
 
 def _probe(state: BNState, var: float) -> BNState:
   """A state that has seen nothing, with a recognisable variance."""
-  f32 = state.mean.dtype
-  return BNState(
+  return state._replace(
     mean=jnp.zeros_like(state.mean),
-    var=jnp.full(state.var.shape, var, f32),
+    var=jnp.full(state.var.shape, var, state.var.dtype),
     count=jnp.zeros_like(state.count),
-    step=state.step,
   )
 
 
@@ -207,8 +205,9 @@ def population_stats(
   travel as explicit arguments, not as a global switch, because ``jax.jit``
   caches a trace: a function jitted before the switch was flipped would keep
   its exponential moving average without a word. On the first batch the
-  forward runs twice (once per forward and shapes: later calls with the same
-  reuse the verdict), from states with different variances; if the
+  forward runs twice, from states with different variances (once per forward
+  and shapes: a later call with the same forward, parameter shapes and input
+  shapes reuses the verdict); if the
   statistics it returns depend on them (the options were ignored, e.g. a
   closure with a fixed ``momentum``), or a state was not updated exactly once
   (e.g. an inference forward calling :func:`jaxbn.bn_infer`), a
@@ -339,15 +338,14 @@ def population_stats(
       mean, var = avg.mean, avg.var
     known = (avg.count > 0) if estimator == "paper" else (m.count > 0)
     out.append(
-      BNState(
+      old._replace(
         mean=jnp.where(known, mean, old.mean).astype(old.mean.dtype),
         var=jnp.where(known, var, old.var).astype(old.var.dtype),
         count=m.count.astype(old.count.dtype),
-        step=old.step,
       )
     )
   return jax.tree.unflatten(treedef, out)
 
 
-# --------------------------------------------------------------------------
-# Flax models: the same mechanism, with the forward built from the model.
+# Flax models: jaxbn.linen.linen_population_stats and
+# jaxbn.nnx.nnx_population_stats build the forward from the model.

@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _shell
+from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.layer import BNLayer
+from jaxbn.numerics import stats_dtype
 
 Array = jax.Array
 
@@ -233,12 +235,6 @@ def _to_jax(t: Any, dtype: Any = None) -> Array:
   return jnp.array(a, dtype=a.dtype if dtype is None else dtype, copy=True)
 
 
-def _stat_dtype(dtype: Any) -> Any:
-  """Running statistics stay in at least float32, as jaxbn's state always is."""
-  dtype = jnp.dtype(dtype)
-  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
 class _Tensors(NamedTuple):
   weight: Any
   bias: Any
@@ -348,11 +344,8 @@ def from_torch(
   c = t.num_features
   ref = next((v for v in t[:4] if v is not None), None)
   dtype = jnp.dtype(_to_numpy(ref).dtype) if ref is not None else _default_dtype()
-  if t.weight is not None:
-    params = BNParams(scale=_to_jax(t.weight), bias=_to_jax(t.bias))
-  else:
-    params = BNParams(scale=jnp.ones((c,), dtype), bias=jnp.zeros((c,), dtype))
-  sdtype = _stat_dtype(dtype if t.running_mean is None else _to_numpy(t.running_mean).dtype)
+  params = {} if t.weight is None else {"scale": _to_jax(t.weight), "bias": _to_jax(t.bias)}
+  sdtype = stats_dtype(dtype if t.running_mean is None else _to_numpy(t.running_mean).dtype)
   if t.running_mean is None:
     mean, var = jnp.zeros((c,), sdtype), jnp.ones((c,), sdtype)
     steps = 0
@@ -367,13 +360,14 @@ def from_torch(
     count = PORTED_COUNT
   else:
     count = float(steps) * float(batch_values)
-  state = BNState(
-    mean=mean,
-    var=var,
-    count=jnp.full((c,), count, sdtype),
-    step=jnp.asarray(steps, jnp.int32),
-  )
-  return params, state
+  stats = {
+    "mean": mean,
+    "var": var,
+    "count": jnp.full((c,), count, sdtype),
+    "step": jnp.asarray(steps, jnp.int32),
+  }
+  # Without affine parameters, scale 1 and bias 0 in the tensors' dtype.
+  return BNLayer(param_dtype=dtype).from_entries(params, stats, fn=fn)
 
 
 def _default_dtype() -> Any:
@@ -461,32 +455,29 @@ def to_torch(params: BNParams, state: BNState | None, module: Any) -> Any:
 
 
 def _target_layout(fn: str, source: Any, bn: Any, prefix: str, batch_values: Any):
-  """Params, state and which entries the target module stores."""
+  """Params and state of the torch layer, and the :class:`BNLayer` of the target module.
+
+  The state holds every entry the target stores (an accumulator, empty, for
+  one that accumulates micro-batches).
+  """
   params, state = from_torch(source, prefix=prefix, batch_values=batch_values)
   if bn is None:
-    t = _tensors(fn, source, prefix)
-    affine = t.weight is not None
+    affine = _tensors(fn, source, prefix).weight is not None
     momentum = getattr(_bn_module(source, prefix), "momentum", 0.1)
-    use = {
-      "scale": affine,
-      "bias": affine,
-      "count": momentum is None,
-      "step": False,
-    }
+    options = BNOptions(
+      momentum=None if momentum is None else 1.0 - float(momentum), running_var="unbiased"
+    )
+    layer = BNLayer(state.mean.shape, options, params.scale.dtype, affine, affine)
   else:
-    use = {
-      "scale": bool(bn.use_scale),
-      "bias": bool(bn.use_bias),
-      "count": _shell.needs_count(_shell.options_of(bn)),
-      "step": _shell.needs_step(_shell.options_of(bn)),
-    }
+    layer = BNLayer.of(bn, state.mean.shape)
   for name, fixed in (("scale", 1), ("bias", 0)):
-    if not use[name] and not np.all(np.asarray(getattr(params, name)) == fixed):
+    if name not in layer.param_names and not np.all(np.asarray(getattr(params, name)) == fixed):
       raise ValueError(
         f"{fn}: the target module has use_{name}=False, but torch's {name} is not "
         f"{fixed} everywhere; construct it with use_{name}=True (torch's affine=True)."
       )
-  return params, state, use
+  params, state = layer.from_entries(params._asdict(), state._asdict(), fn=fn)
+  return params, state, layer
 
 
 def _bn_module(source: Any, prefix: str) -> Any:
@@ -537,27 +528,8 @@ def from_torch_linen(
     >>> sorted(jaxbn.from_torch_linen(tbn, bn)["batch_stats"])
     ['count', 'mean', 'var']
   """
-  params, state, use = _target_layout("from_torch_linen", source, bn, prefix, batch_values)
-  p = {k: getattr(params, k) for k in ("scale", "bias") if use[k]}
-  stats = {"mean": state.mean, "var": state.var}
-  if use["count"]:
-    stats["count"] = state.count
-  if use["step"]:
-    stats["step"] = state.step
-  return {"params": p, "batch_stats": stats}
-
-
-def _linen_core(variables: Mapping[str, Any]) -> tuple[BNParams, BNState]:
-  """``(params, state)`` of one linen layer's variables; ``step`` None when absent."""
-  p = variables.get("params", {})
-  s = variables["batch_stats"]
-  mean = s["mean"]
-  c = np.shape(mean)
-  params = BNParams(
-    scale=p.get("scale", jnp.ones(c, mean.dtype)), bias=p.get("bias", jnp.zeros(c, mean.dtype))
-  )
-  count = s.get("count", jnp.zeros(c, mean.dtype))
-  return params, BNState(mean=mean, var=s["var"], count=count, step=s.get("step"))
+  params, state, layer = _target_layout("from_torch_linen", source, bn, prefix, batch_values)
+  return layer.write_linen(params, state)
 
 
 def to_torch_linen(variables: Mapping[str, Any], module: Any) -> Any:
@@ -575,7 +547,9 @@ def to_torch_linen(variables: Mapping[str, Any], module: Any) -> Any:
     ``module``.
   """
   _check_bn_module("to_torch_linen", module)
-  params, state = _linen_core(variables)
+  params, state = BNLayer().read_linen(variables)
+  if "step" not in variables.get("batch_stats", variables):
+    state = state._replace(step=None)  # num_batches_tracked stays as it is
   return to_torch(params, state, module)
 
 
@@ -614,23 +588,13 @@ def from_torch_nnx(
     Array([0.2, 0.4], dtype=float32)
   """
   fn = "from_torch_nnx"
-  params, state, _ = _target_layout(fn, source, bn, prefix, batch_values)
+  params, state, layer = _target_layout(fn, source, bn, prefix, batch_values)
   if tuple(bn.feature_shape) != tuple(state.mean.shape):
     raise ValueError(
       f"{fn}: the nnx BatchNorm has feature shape {tuple(bn.feature_shape)}, torch's "
       f"{tuple(state.mean.shape)}."
     )
-  if bn.scale is not None:
-    bn.scale.set_value(params.scale)
-  if bn.bias is not None:
-    bn.bias.set_value(params.bias)
-  bn.mean.set_value(state.mean)
-  bn.var.set_value(state.var)
-  if bn.count is not None:
-    bn.count.set_value(state.count)
-  if bn.step is not None:
-    bn.step.set_value(state.step)
-  return bn
+  return layer.write_nnx(bn, params, state)
 
 
 def to_torch_nnx(bn: Any, module: Any) -> Any:
@@ -646,13 +610,11 @@ def to_torch_nnx(bn: Any, module: Any) -> Any:
   Returns:
     ``module``.
   """
-  variables = {
-    "params": {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None},
-    "batch_stats": {
-      k: getattr(bn, k)[...] for k in ("mean", "var", "count", "step") if getattr(bn, k) is not None
-    },
-  }
-  return to_torch_linen(variables, module)
+  _check_bn_module("to_torch_nnx", module)
+  params, state = BNLayer.of(bn).read_nnx(bn)
+  if getattr(bn, "step", None) is None:
+    state = state._replace(step=None)  # num_batches_tracked stays as it is
+  return to_torch(params, state, module)
 
 
 # --------------------------------------------------------------------------

@@ -18,8 +18,12 @@ Three versions with the same hyper-parameters:
   :func:`init_cnn` / :func:`apply_cnn`.
 
 Every model takes its batch-norm options as one :class:`jaxbn.BNOptions`
-(``bn_options=BNOptions(momentum=0.9, axis_name='batch')``), passed to every
-batch-norm layer.
+(``bn_options=BNOptions(momentum=0.9, axis_name='batch')``), passed as it is
+to every batch-norm layer (``BatchNorm(options=...)``).
+
+:func:`fold_linen` and :func:`fold_nnx` fold the batch norms of these models,
+and of a model of one's own given an example call (:class:`FoldedLinen`,
+:class:`FoldedBatchNorm`).
 
 The input of the hidden units (after batch norm, before the activation) of
 every hidden layer is sown into the ``'intermediates'`` collection under the
@@ -35,7 +39,7 @@ References:
   three hidden layers of 100 sigmoid units).
 """
 
-from jaxbn.models._common import PREACTIVATION
+from jaxbn.models.common import PREACTIVATION
 from jaxbn.models.functional import apply_cnn
 from jaxbn.models.functional import apply_mlp
 from jaxbn.models.functional import fold_params
@@ -43,9 +47,11 @@ from jaxbn.models.functional import init_cnn
 from jaxbn.models.functional import init_mlp
 from jaxbn.models.linen import CNN
 from jaxbn.models.linen import MLP
+from jaxbn.models.linen import FoldedLinen
 from jaxbn.models.linen import fold_linen
 from jaxbn.models.nnx import NNXCNN
 from jaxbn.models.nnx import NNXMLP
+from jaxbn.models.nnx import FoldedBatchNorm
 from jaxbn.models.nnx import fold_nnx
 
 __all__ = (
@@ -54,6 +60,8 @@ __all__ = (
   "NNXCNN",
   "NNXMLP",
   "PREACTIVATION",
+  "FoldedBatchNorm",
+  "FoldedLinen",
   "apply_cnn",
   "apply_mlp",
   "fold_linen",

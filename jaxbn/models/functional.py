@@ -1,26 +1,26 @@
-"""The models as plain JAX functions of ``(params, state, x)`` and their folding."""
+"""The models as plain JAX functions of ``(params, state, x)`` and their folding.
+
+Plain JAX: params and state are pytrees, every layer a function; no flax.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _shell
+from jaxbn.core import DEFAULTS
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import bn_init
 from jaxbn.folding import fold_bn
-from jaxbn.models._common import Activation
-from jaxbn.models._common import _activation
-from jaxbn.models._common import _flatten
-
-# --------------------------------------------------------------------------
-# Plain JAX: params and state are pytrees; no framework.
+from jaxbn.layer import BNLayer
+from jaxbn.models.common import Activation
+from jaxbn.models.common import activation_fn
+from jaxbn.models.common import flatten
 
 
 def _dense_init(key: jax.Array, n_in: int, n_out: int, dtype: Any) -> jax.Array:
@@ -80,7 +80,7 @@ def init_mlp(
 
 
 def _bn_apply(bn_params: BNParams, state: BNState, x: jax.Array, train: bool, bn: BNOptions):
-  y, new = _shell.normalize(bn_params, state, x, bn, use_running_average=not train)
+  y, new = BNLayer(options=bn).normalize(bn_params, state, x, use_running_average=not train)
   return y, state if new is None else new
 
 
@@ -91,7 +91,7 @@ def apply_mlp(
   *,
   train: bool,
   activation: Activation = "sigmoid",
-  bn_options: BNOptions = BNOptions(),
+  bn_options: BNOptions = DEFAULTS,
   return_preactivations: bool = False,
   **bn_kwargs: Any,
 ):
@@ -123,9 +123,9 @@ def apply_mlp(
     >>> logits.shape, int(state[0].step)
     ((2, 3), 1)
   """
-  act = _activation(activation)
+  act = activation_fn(activation)
   bn = bn_options._replace(**bn_kwargs)
-  x = _flatten(x)
+  x = flatten(x)
   new_state, pre = [], []
   for i, layer in enumerate(params["hidden"]):
     x = x @ layer["kernel"].astype(x.dtype)
@@ -150,7 +150,9 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+  """2x2 max pooling, stride 2, SAME padding (``flax.linen.max_pool``'s)."""
+  # A Python scalar initial value: JAX recognizes the max-reduction (and its gradient).
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
 
 
 def init_cnn(
@@ -214,7 +216,7 @@ def apply_cnn(
   x: jax.Array,
   *,
   train: bool,
-  bn_options: BNOptions = BNOptions(),
+  bn_options: BNOptions = DEFAULTS,
   return_preactivations: bool = False,
   **bn_kwargs: Any,
 ):
@@ -242,13 +244,13 @@ def apply_cnn(
     pre.append(x)
     x = _max_pool(jax.nn.relu(x))
   head = params["head"]
-  logits = _flatten(x) @ head["kernel"].astype(x.dtype) + head["bias"].astype(x.dtype)[None]
+  logits = flatten(x) @ head["kernel"].astype(x.dtype) + head["bias"].astype(x.dtype)[None]
   if return_preactivations:
     return logits, tuple(new_state), tuple(pre)
   return logits, tuple(new_state)
 
 
-def fold_params(params: dict, state: Any, *, epsilon: float = 1e-5) -> dict:
+def fold_params(params: dict, state: Any, *, epsilon: float = DEFAULTS.epsilon) -> dict:
   """Folds the batch norms of a plain-JAX model of :mod:`jaxbn.models`.
 
   ``params`` from :func:`jaxbn.models.init_mlp` (``'hidden'`` layers) or

@@ -6,15 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import nnx as jbn_nnx
+from jaxbn.core import DEFAULTS
 from jaxbn.core import BNOptions
 from jaxbn.folding import fold_bn
-from jaxbn.models._common import PREACTIVATION
-from jaxbn.models._common import Activation
-from jaxbn.models._common import _activation
-from jaxbn.models._common import _flatten
+from jaxbn.layer import BNLayer
+from jaxbn.models.common import PREACTIVATION
+from jaxbn.models.common import Activation
+from jaxbn.models.common import activation_fn
+from jaxbn.models.common import flatten
 
 
 def _nnx_sow(module: nnx.Module, x: jax.Array) -> None:
@@ -61,12 +64,11 @@ class NNXMLP(nnx.Module):
     *,
     activation: Activation = "sigmoid",
     use_bn: bool = True,
-    bn_options: BNOptions = BNOptions(),
+    bn_options: BNOptions = DEFAULTS,
     rngs: nnx.Rngs,
   ):
     self.activation = activation
     self.use_bn = use_bn
-    bn = bn_options._asdict()
     widths = (in_features, *features)
     self.dense = nnx.List(
       [
@@ -74,14 +76,16 @@ class NNXMLP(nnx.Module):
         for a, b in zip(widths, features, strict=False)
       ]
     )
-    self.bn = nnx.List([jbn_nnx.BatchNorm(w, rngs=rngs, **bn) for w in features] if use_bn else [])
+    self.bn = nnx.List(
+      [jbn_nnx.BatchNorm(w, options=bn_options, rngs=rngs) for w in features] if use_bn else []
+    )
     self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
     """Logits of ``x``; ``train`` overrides the ``.train()`` / ``.eval()`` mode."""
-    act = _activation(self.activation)
+    act = activation_fn(self.activation)
     use_running_average = None if train is None else not train
-    x = _flatten(x)
+    x = flatten(x)
     for i, dense in enumerate(self.dense):
       x = dense(x)
       if self.use_bn:
@@ -121,11 +125,10 @@ class NNXCNN(nnx.Module):
     *,
     image_size: tuple[int, int] = (8, 8),
     use_bn: bool = True,
-    bn_options: BNOptions = BNOptions(),
+    bn_options: BNOptions = DEFAULTS,
     rngs: nnx.Rngs,
   ):
     self.use_bn = use_bn
-    bn = bn_options._asdict()
     chans = (in_channels, *features)
     self.conv = nnx.List(
       [
@@ -133,7 +136,9 @@ class NNXCNN(nnx.Module):
         for a, b in zip(chans, features, strict=False)
       ]
     )
-    self.bn = nnx.List([jbn_nnx.BatchNorm(c, rngs=rngs, **bn) for c in features] if use_bn else [])
+    self.bn = nnx.List(
+      [jbn_nnx.BatchNorm(c, options=bn_options, rngs=rngs) for c in features] if use_bn else []
+    )
     h, w = image_size
     for _ in features:
       h, w = -(-h // 2), -(-w // 2)  # SAME pooling rounds up
@@ -148,23 +153,159 @@ class NNXCNN(nnx.Module):
         x = self.bn[i](x, use_running_average)
       _nnx_sow(self, x)
       x = nnx.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
-    return self.head(_flatten(x))
+    return self.head(flatten(x))
 
 
-def fold_nnx(model: Any) -> Any:
-  """Folds every batch norm of an nnx :class:`jaxbn.models.NNXMLP` or ``NNXCNN``.
+# --------------------------------------------------------------------------
+# Folding
 
-  Returns a copy (``nnx.clone``) whose hidden ``Linear`` / ``Conv`` layers
-  carry the folded kernel and bias (:func:`fold_bn`) and which has no batch
-  norm (``use_bn=False``); ``model`` is unchanged. The copy's output equals
-  the original's in evaluation mode.
+_BATCH_NORMS = (jbn_nnx.BatchNorm, nnx.BatchNorm)
+_LINEAR = (nnx.Linear, nnx.Conv)
+
+
+def _name(module: Any) -> str:
+  cls = type(module)
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class FoldedBatchNorm(nnx.Module):
+  """A batch norm folded into the layer before it (by :func:`fold_nnx`): the identity.
+
+  Takes the batch norm's call arguments (``use_running_average``, ``mask``)
+  and returns ``x``, in ``dtype`` when given.
+  """
+
+  def __init__(self, dtype: Any = None):
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    return x if self.dtype is None else x.astype(self.dtype)
+
+
+def _nodes(model: Any) -> dict[tuple, Any]:
+  return {tuple(p): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+
+
+def _path(path: tuple) -> str:
+  return "/".join(map(str, path))
+
+
+def _traced_pairs(fn: str, model: Any, args: tuple, kwargs: dict) -> list[tuple[tuple, tuple]]:
+  """``(linear path, batch-norm path)`` of every batch norm in a call of a copy of ``model``.
+
+  While the copy runs, the ``__call__`` of the batch norms, ``Linear`` and
+  ``Conv`` record their inputs and outputs: a batch norm folds when its
+  input is the very output of a ``Linear`` or ``Conv`` call.
+  """
+  probe = nnx.clone(model)
+  paths = {id(n): p for p, n in _nodes(probe).items()}
+  outputs: dict[int, tuple[Any, tuple, Any]] = {}
+  last: list[tuple[tuple, Any]] = []
+  pairs: dict[tuple, tuple] = {}
+  problems: list[str] = []
+
+  def check(bn: Any, x: Any) -> None:
+    path = paths.get(id(bn), ("?",))
+    where = f"layer {_path(path)!r} ({_name(bn)})"
+    src = outputs.get(id(x))
+    if path in pairs:
+      problems.append(f"{where} is called more than once")
+    elif src is None:
+      before = (
+        f"the last layer called before it is {_path(last[-1][0])!r} ({_name(last[-1][1])})"
+        if last
+        else "no layer is called before it"
+      )
+      problems.append(
+        f"{where} does not directly follow a Linear or Conv: its input is not such a "
+        f"layer's output ({before}; an operation between them, such as an activation, "
+        f"cannot be folded)"
+      )
+    elif src[1] in pairs.values():
+      problems.append(f"{where} normalizes {_path(src[1])!r}, whose output another batch norm has")
+    else:
+      axis = BNLayer.of(bn).options.axis
+      axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+      ndim = jnp.ndim(x)
+      if {int(a) % ndim for a in axes} != {ndim - 1}:
+        problems.append(
+          f"{where} normalizes axis {axis!r} of its {ndim}-d input; folding into "
+          f"{_path(src[1])!r} ({_name(src[2])}) needs the features on the last axis"
+        )
+      else:
+        pairs[path] = src[1]
+
+  def spy(cls: type) -> Any:
+    call = cls.__call__
+
+    def spied(self, *a, **kw):
+      if isinstance(self, _BATCH_NORMS):
+        check(self, a[0] if a else kw.get("x"))
+      out = call(self, *a, **kw)
+      last.append((paths.get(id(self), ("?",)), self))
+      if isinstance(self, _LINEAR):
+        outputs[id(out)] = (out, paths.get(id(self), ("?",)), self)
+      return out
+
+    return call, spied
+
+  classes = (*_BATCH_NORMS, *_LINEAR)
+  saved = {}
+  try:
+    for cls in classes:
+      saved[cls], cls.__call__ = spy(cls)
+    probe(*args, **kwargs)
+  finally:
+    for cls, call in saved.items():
+      cls.__call__ = call
+  if problems:
+    raise ValueError(f"{fn}: cannot fold {_name(model)}: " + "; ".join(problems) + ".")
+  if not pairs:
+    raise ValueError(f"{fn}: {_name(model)} calls no batch norm; there is nothing to fold.")
+  return [(linear, bn) for bn, linear in pairs.items()]
+
+
+def _fold_into(layer: Any, bn: Any) -> None:
+  """Folds the nnx batch norm ``bn`` into the ``Linear`` or ``Conv`` ``layer``, in place."""
+  params, state = BNLayer.of(bn).read_nnx(bn)
+  old_bias = layer.bias[...] if layer.bias is not None else None
+  kernel, bias = fold_bn(layer.kernel[...], old_bias, params, state, epsilon=bn.epsilon)
+  layer.kernel.set_value(kernel)
+  layer.bias = nnx.Param(bias)
+  layer.use_bias = True
+
+
+def fold_nnx(model: Any, *args: Any, **kwargs: Any) -> Any:
+  """Folds every batch norm of an nnx model into the Linear or Conv before it.
+
+  Returns a copy (``nnx.clone``; ``model`` is unchanged) whose ``Linear`` /
+  ``Conv`` layers followed by a batch norm (:class:`jaxbn.nnx.BatchNorm` or
+  ``flax.nnx.BatchNorm``) carry the folded kernel and bias
+  (:func:`jaxbn.fold_bn` with the batch norm's ``epsilon``), in evaluation
+  mode. Its output equals the original's in evaluation mode.
+
+  For :class:`jaxbn.models.NNXMLP` and :class:`jaxbn.models.NNXCNN` the copy
+  has no batch norm (``use_bn=False``). Any other model needs an example
+  call, ``fold_nnx(model, x)`` (its call arguments, e.g. ``x, train=False``):
+  a copy runs it to find which layer each batch norm follows, and each batch
+  norm of the result is a :class:`FoldedBatchNorm` (the identity). A batch
+  norm that does not directly follow a ``Linear`` or ``Conv`` (an activation
+  between them, say) or normalizes another axis than the layer's output
+  features is an error naming it. The layer's output must feed only the
+  batch norm, which the call does not check.
 
   Args:
-    model: a :class:`jaxbn.models.NNXMLP` or :class:`jaxbn.models.NNXCNN`
-      with ``use_bn=True``.
+    model: an nnx model.
+    *args: an example call's arguments (not needed for jaxbn's models).
+    **kwargs: its keyword arguments.
 
   Returns:
     The folded copy.
+
+  Raises:
+    TypeError: a model other than jaxbn's without an example call.
+    ValueError: a batch norm that cannot be folded (named with its path and
+      class), or no batch norm.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -176,25 +317,54 @@ def fold_nnx(model: Any) -> Any:
     >>> x = jax.random.normal(jax.random.key(0), (4, 5))
     >>> bool(jnp.allclose(folded(x), model(x, train=False), atol=1e-5))
     True
+
+    A model of one's own:
+
+    >>> from jaxbn import nnx as jbn
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.dense = nnx.Linear(5, 8, use_bias=False, rngs=rngs)
+    ...     self.bn = jbn.BatchNorm(8, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 3, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(nnx.relu(self.bn(self.dense(x))))
+    >>> net = Net(nnx.Rngs(0))
+    >>> _ = net(x)  # one training step moves the running statistics
+    >>> net.eval()
+    >>> folded = jaxbn.fold_nnx(net, x)
+    >>> type(folded.bn).__name__
+    'FoldedBatchNorm'
+    >>> bool(jnp.allclose(folded(x), net(x), atol=1e-5))
+    True
   """
   fn = "fold_nnx"
-  if not isinstance(model, (NNXMLP, NNXCNN)):
-    raise TypeError(
-      f"{fn}: model must be a jaxbn.models.NNXMLP or NNXCNN, got {type(model).__name__}; "
-      f"for another model, fold each layer with jaxbn.fold_bn."
-    )
-  if not model.use_bn:
+  own = isinstance(model, (NNXMLP, NNXCNN))
+  if own and not model.use_bn:
     raise ValueError(f"{fn}: the model has use_bn=False; there is nothing to fold.")
+  if own and not args and not kwargs:
+    folded = nnx.clone(model)
+    layers = folded.dense if isinstance(folded, NNXMLP) else folded.conv
+    for layer, bn in zip(layers, folded.bn, strict=True):
+      _fold_into(layer, bn)
+    folded.bn = nnx.List([])
+    folded.use_bn = False
+    folded.eval()
+    return folded
+  if not args and not kwargs:
+    raise TypeError(
+      f"{fn}: {_name(model)} is not a jaxbn.models.NNXMLP or NNXCNN; pass an example call, "
+      f"fold_nnx(model, x), so that the layer each batch norm follows can be found."
+    )
+  pairs = _traced_pairs(fn, model, args, kwargs)
   folded = nnx.clone(model)
-  layers = folded.dense if isinstance(folded, NNXMLP) else folded.conv
-  for layer, bn in zip(layers, folded.bn, strict=True):
-    params, state = jbn_nnx.params_and_state(bn)
-    old_bias = layer.bias[...] if layer.bias is not None else None
-    kernel, bias = fold_bn(layer.kernel[...], old_bias, params, state, epsilon=bn.epsilon)
-    layer.kernel[...] = kernel
-    layer.bias = nnx.Param(bias)
-    layer.use_bias = True
-  folded.bn = nnx.List([])
-  folded.use_bn = False
+  nodes = _nodes(folded)
+  for linear, bn in pairs:
+    _fold_into(nodes[linear], nodes[bn])
+    parent, key = nodes[bn[:-1]], bn[-1]
+    identity = FoldedBatchNorm(getattr(nodes[bn], "dtype", None))
+    if isinstance(key, int):
+      parent[key] = identity
+    else:
+      setattr(parent, key, identity)
   folded.eval()
   return folded

@@ -1,4 +1,4 @@
-"""What the linen, nnx and plain-JAX models share: activations and names."""
+"""What the linen, nnx and plain-JAX models share: activations, flattening and names."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ _ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh
 PREACTIVATION = "preactivation"
 
 
-def _activation(act: Activation) -> Callable[[jax.Array], jax.Array]:
+def activation_fn(act: Activation) -> Callable[[jax.Array], jax.Array]:
+  """The function an :data:`Activation` names (a callable is returned as it is)."""
   if callable(act):
     return act
   if act not in _ACTIVATIONS:
@@ -24,5 +25,6 @@ def _activation(act: Activation) -> Callable[[jax.Array], jax.Array]:
   return _ACTIVATIONS[act]
 
 
-def _flatten(x: jax.Array) -> jax.Array:
+def flatten(x: jax.Array) -> jax.Array:
+  """``(N, ...)`` as ``(N, -1)``: the input of a dense layer."""
   return x.reshape(x.shape[0], -1)

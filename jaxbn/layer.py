@@ -1,0 +1,438 @@
+"""One batch-norm layer: its options, shape and dtypes, and its variables in every form.
+
+A layer's variables take three forms: the core's ``(BNParams, BNState)``
+(:class:`jaxbn.BNAccState` when it accumulates micro-batches), a flax.linen
+variables dict::
+
+    {'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var', ...}}
+
+and the attributes of an nnx module (``mean``, ``var``, ... as
+``nnx.BatchStat``; ``scale``, ``bias`` as ``nnx.Param``). A :class:`BNLayer`
+describes one layer (options, feature shape, params dtype, which entries it
+stores) and converts between the forms; the flax modules, their population
+statistics, the folds and the PyTorch port all go through it, so a new state
+entry is added to the core and here, nowhere else.
+
+Entries stored, by name (the same in a linen dict and on an nnx module):
+``scale`` and ``bias`` unless ``use_scale`` / ``use_bias`` is False;
+``mean`` and ``var`` always (flax's tree); ``count`` with ``momentum=None``
+or ``ema_warmup=True``; ``step`` with a renorm schedule or
+``accumulate_steps > 1``; ``acc_count``, ``acc_mean``, ``acc_m2`` with
+``accumulate_steps > 1``. Reading fills an entry a layer does not store as
+:func:`jaxbn.bn_init` would, so flax's own BatchNorm variables (no ``count``,
+no ``step``) read as a full state.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import jaxbn
+  >>> from jaxbn.layer import BNLayer
+  >>> flax_vars = {'params': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)},
+  ...              'batch_stats': {'mean': jnp.array([1.0, 2.0]), 'var': jnp.array([4.0, 1.0])}}
+  >>> params, state = BNLayer().read_linen(flax_vars)
+  >>> state.count, state.step
+  (Array([0., 0.], dtype=float32), Array(0, dtype=int32))
+  >>> jaxbn.bn_infer(params, state, jnp.array([[3.0, 2.0]])).round(4)
+  Array([[1., 0.]], dtype=float32)
+  >>> layer = BNLayer((2,), jaxbn.BNOptions(momentum=None))
+  >>> sorted(layer.write_linen(params, state)['batch_stats'])
+  ['count', 'mean', 'var']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import numerics
+from jaxbn.core import DEFAULTS
+from jaxbn.core import BNAccState
+from jaxbn.core import BNOptions
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+from jaxbn.core import SingleValueWarning
+from jaxbn.core import StateMismatchError
+from jaxbn.core import bn_infer
+from jaxbn.core import bn_init
+from jaxbn.core import bn_train
+from jaxbn.numerics import stats_dtype
+
+__all__ = ("PARAM_NAMES", "STAT_NAMES", "BNLayer", "input_feature_shape", "merge_options")
+
+PARAM_NAMES: tuple[str, ...] = BNParams._fields
+"""Every params entry a layer can store."""
+
+_ACC = tuple(f"acc_{name}" for name in numerics.Moments._fields)
+STAT_NAMES: tuple[str, ...] = (*BNState._fields, *_ACC)
+"""Every statistics entry a layer can store (``'batch_stats'`` in linen)."""
+
+
+def merge_options(fn: str, options: BNOptions | None, attributes: Mapping[str, Any]) -> BNOptions:
+  """A module's options from its ``options`` and its flax-style keyword attributes.
+
+  Without ``options`` the attributes are the options (an absent one takes
+  :data:`jaxbn.core.DEFAULTS`'). With ``options``, an attribute left at its
+  default defers to it, and one set to another value must agree with it:
+  each option is given once.
+
+  Raises:
+    TypeError: ``options`` is not a :class:`jaxbn.BNOptions`.
+    ValueError: an attribute and ``options`` disagree.
+  """
+  if options is None:
+    return DEFAULTS._replace(**{k: v for k, v in attributes.items() if k in BNOptions._fields})
+  if not isinstance(options, BNOptions):
+    raise TypeError(f"{fn}: options must be a jaxbn.BNOptions or None, got {type(options)}.")
+  for name, value in attributes.items():
+    if name not in BNOptions._fields:
+      continue
+    ours = getattr(options, name)
+    if not _same(value, getattr(DEFAULTS, name)) and not _same(value, ours):
+      raise ValueError(
+        f"{fn}: {name}={value!r} disagrees with options.{name}={ours!r}; give each option "
+        f"once, in options or as a keyword."
+      )
+  return options
+
+
+def _same(a: Any, b: Any) -> bool:
+  if a is b:
+    return True
+  try:
+    return bool(a == b)
+  except Exception:  # arrays of several values, or types that do not compare
+    return False
+
+
+def input_feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:
+  """Sizes of ``x`` along the (sorted) feature axes, as the core orders them.
+
+  An invalid ``x`` or ``axis`` gives a placeholder shape: the core then raises
+  its own clear error when it is called on ``x``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.layer import input_feature_shape
+    >>> input_feature_shape(jnp.zeros((8, 5, 5, 3)), -1)
+    (3,)
+    >>> input_feature_shape(jnp.zeros((8, 3, 5)), (1, 2))
+    (3, 5)
+  """
+  shape = tuple(getattr(x, "shape", ()))
+  n = len(shape)
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
+  if not isinstance(axes, (tuple, list)):
+    return (1,)
+  if not n or not axes or not all(isinstance(a, (int, np.integer)) and -n <= a < n for a in axes):
+    return (1,)
+  return tuple(shape[a] for a in sorted({int(a) % n for a in axes}))
+
+
+@dataclasses.dataclass(frozen=True)
+class BNLayer:
+  """One batch-norm layer: what it computes and which variables it stores.
+
+  Attributes:
+    feature_shape: the sizes of its feature axes, or ``None`` to take them
+      from the variables read (:meth:`init` needs them).
+    options: its :class:`jaxbn.BNOptions`.
+    param_dtype: dtype of ``scale`` and ``bias``; the statistics have
+      :func:`jaxbn.stats_dtype` of it.
+    use_scale: it stores (learns) ``scale``; else ``scale`` is 1.
+    use_bias: it stores (learns) ``bias``; else ``bias`` is 0.
+  """
+
+  feature_shape: tuple[int, ...] | None = None
+  options: BNOptions = DEFAULTS
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  use_bias: bool = True
+
+  @classmethod
+  def of(cls, module: Any, feature_shape: Sequence[int] | None = None, *, x: Any = None) -> BNLayer:
+    """The layer a batch-norm module describes, from its attributes.
+
+    Works for :class:`jaxbn.linen.BatchNorm`, :class:`jaxbn.nnx.BatchNorm`,
+    ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` (an option a module
+    does not have takes the default). A linen module holds no shape: pass
+    ``feature_shape``, or its input ``x``; an nnx module's is its own.
+    """
+    attrs = {k: getattr(module, k) for k in BNOptions._fields if hasattr(module, k)}
+    options = merge_options(type(module).__qualname__, getattr(module, "options", None), attrs)
+    if feature_shape is None and x is not None:
+      feature_shape = input_feature_shape(x, options.axis)
+    if feature_shape is None:
+      feature_shape = getattr(module, "feature_shape", None)
+    if feature_shape is None and getattr(module, "mean", None) is not None:
+      feature_shape = jnp.shape(module.mean[...])
+    return cls(
+      feature_shape=None if feature_shape is None else tuple(feature_shape),
+      options=options,
+      param_dtype=getattr(module, "param_dtype", jnp.float32),
+      use_scale=bool(getattr(module, "use_scale", True)),
+      use_bias=bool(getattr(module, "use_bias", True)),
+    )
+
+  def replace(self, **changes: Any) -> BNLayer:
+    """A copy with fields changed; :class:`jaxbn.BNOptions` fields change ``options``."""
+    opts = {k: changes.pop(k) for k in list(changes) if k in BNOptions._fields}
+    if opts:
+      changes["options"] = changes.get("options", self.options)._replace(**opts)
+    return dataclasses.replace(self, **changes)
+
+  # ------------------------------------------------------------------
+  # What it stores
+
+  @property
+  def stats_dtype(self) -> jnp.dtype:
+    """The dtype of its running statistics."""
+    return stats_dtype(self.param_dtype)
+
+  @property
+  def stores_count(self) -> bool:
+    """It stores the per-feature ``count`` (cumulative or warm-up average)."""
+    return self.options.momentum is None or bool(self.options.ema_warmup)
+
+  @property
+  def stores_step(self) -> bool:
+    """It stores the update ``step`` (renorm limits that follow a schedule; accumulation)."""
+    r = self.options.renorm
+    schedule = r is not None and (callable(r.rmax) or callable(r.dmax))
+    return schedule or self.stores_acc
+
+  @property
+  def stores_acc(self) -> bool:
+    """It stores the micro-batches' moments (``accumulate_steps > 1``; ``step`` too)."""
+    return self.options.accumulate_steps != 1
+
+  @property
+  def param_names(self) -> tuple[str, ...]:
+    """The params entries it stores."""
+    use = {"scale": self.use_scale, "bias": self.use_bias}
+    return tuple(k for k in PARAM_NAMES if use[k])
+
+  @property
+  def stat_names(self) -> tuple[str, ...]:
+    """The statistics entries it stores."""
+    use = {"mean": True, "var": True, "count": self.stores_count, "step": self.stores_step}
+    use.update(dict.fromkeys(_ACC, self.stores_acc))
+    return tuple(k for k in STAT_NAMES if use[k])
+
+  # ------------------------------------------------------------------
+  # The core's form
+
+  def init(self) -> tuple[BNParams, BNState | BNAccState]:
+    """Fresh ``(params, state)``: :func:`jaxbn.bn_init` of this layer."""
+    return bn_init(
+      self.feature_shape, dtype=self.param_dtype, accumulate_steps=self.options.accumulate_steps
+    )
+
+  def entries(self, params: BNParams | None, state: BNState | None) -> dict[str, Any]:
+    """The stored entries of ``params`` and ``state`` by name (either may be None)."""
+    full = self._all_entries(params, state)
+    names = (self.param_names if params is not None else ()) + (
+      self.stat_names if state is not None else ()
+    )
+    return {k: full[k] for k in names}
+
+  def _all_entries(self, params: BNParams | None, state: BNState | None) -> dict[str, Any]:
+    """Every entry of ``params`` and ``state`` by name, stored or not."""
+    full: dict[str, Any] = {}
+    if params is not None:
+      full.update(params._asdict())
+    if state is not None:
+      full.update({k: getattr(state, k) for k in BNState._fields})
+      if isinstance(state, BNAccState):
+        full.update(zip(_ACC, state.acc, strict=True))
+      elif self.stores_acc:
+        raise TypeError(
+          f"BNLayer: the layer accumulates micro-batches (accumulate_steps="
+          f"{self.options.accumulate_steps}) but the state is a {type(state).__name__}; make "
+          f"it with bn_init(..., accumulate_steps={self.options.accumulate_steps})."
+        )
+    return full
+
+  def from_entries(
+    self, params: Mapping[str, Any], stats: Mapping[str, Any], *, fn: str = "BNLayer"
+  ) -> tuple[BNParams, BNState | BNAccState]:
+    """``(params, state)`` from entries by name; a missing one as :func:`jaxbn.bn_init` makes it.
+
+    The missing entries take the shape of ``mean``, the missing statistics
+    its dtype; a missing ``scale`` (``bias``) is 1 (0) in ``param_dtype``.
+    Shapes are not compared here: :func:`jaxbn.bn_train` and the other
+    consumers name the arrays that differ.
+    """
+    missing = [k for k in ("mean", "var") if k not in stats]
+    if missing:
+      raise ValueError(
+        f"{fn}: the batch statistics must hold 'mean' and 'var'; {missing} missing (got "
+        f"{sorted(stats)})."
+      )
+    mean = jnp.asarray(stats["mean"])
+    # The entries' own shape: the core names arrays of different layers when they meet.
+    layer = self.replace(feature_shape=tuple(mean.shape))
+    p0, s0 = layer.init()
+    p = {**p0._asdict(), **{k: params[k] for k in PARAM_NAMES if k in params}}
+    full = dict(zip(BNState._fields, s0[:4], strict=True))
+    if isinstance(s0, BNAccState):
+      full.update(zip(_ACC, s0.acc, strict=True))
+    for k, v in full.items():
+      if k in stats:
+        full[k] = stats[k]
+      elif k != "step":  # filled in the statistics' dtype
+        full[k] = v.astype(mean.dtype)
+    state = BNState(**{k: full[k] for k in BNState._fields})
+    if layer.stores_acc:
+      state = BNAccState(*state, acc=numerics.Moments(*(full[k] for k in _ACC)))
+    return BNParams(**p), state
+
+  # ------------------------------------------------------------------
+  # flax.linen variables
+
+  def read_linen(self, variables: Mapping[str, Any]) -> tuple[BNParams, BNState | BNAccState]:
+    """``(params, state)`` of one linen layer's variables.
+
+    ``variables`` is ``{'params': {...}, 'batch_stats': {...}}`` (of
+    :class:`jaxbn.linen.BatchNorm` or ``flax.linen.BatchNorm``) or a bare
+    ``batch_stats`` dict (``{'mean', 'var', ...}``; params then 1 and 0).
+    Entries the variables lack are filled as :func:`jaxbn.bn_init` would.
+    """
+    fn = "BNLayer.read_linen"
+    if not isinstance(variables, Mapping):
+      raise TypeError(f"{fn}: variables must be a dict, got {type(variables).__name__}.")
+    if "batch_stats" in variables:
+      return self.from_entries(variables.get("params", {}), variables["batch_stats"], fn=fn)
+    if "mean" in variables:
+      return self.from_entries({}, variables, fn=fn)
+    raise ValueError(
+      f"{fn}: variables must be {{'params': ..., 'batch_stats': ...}} of one layer or its "
+      f"'batch_stats' ({{'mean', 'var', ...}}), got keys {sorted(variables)}."
+    )
+
+  def write_linen(self, params: BNParams, state: BNState) -> dict[str, dict[str, Any]]:
+    """The linen variables this layer stores: ``{'params': ..., 'batch_stats': ...}``."""
+    stored = self.entries(params, state)
+    return {
+      "params": {k: v for k, v in stored.items() if k in PARAM_NAMES},
+      "batch_stats": {k: v for k, v in stored.items() if k in STAT_NAMES},
+    }
+
+  def apply_linen(
+    self, module: Any, x: jax.Array, *, use_running_average: bool, mask: jax.Array | None = None
+  ) -> jax.Array:
+    """A linen batch-norm module's ``__call__``: declares its variables and normalizes ``x``.
+
+    ``module`` declares ``scale`` / ``bias`` (with its ``scale_init`` /
+    ``bias_init``) and the statistics this layer stores, and keeps the new
+    statistics in training when ``'batch_stats'`` is mutable. While it
+    initializes, see :meth:`normalize`.
+    """
+    _, s0 = self.init()
+    params = {
+      k: module.param(k, getattr(module, f"{k}_init"), self.feature_shape, self.param_dtype)
+      for k in self.param_names
+    }
+    stats = {
+      k: module.variable("batch_stats", k, lambda v=v: v) for k, v in self.entries(None, s0).items()
+    }
+    p, s = self.from_entries(params, {k: v.value for k, v in stats.items()})
+    path = "/".join(module.path) or "(top level)"
+    y, new = self.normalize(
+      p,
+      s,
+      x,
+      use_running_average=use_running_average,
+      mask=mask,
+      initializing=module.is_initializing(),
+      where=f"{type(module).__module__}.{type(module).__qualname__} at {path!r}",
+    )
+    if new is not None:
+      for k, v in self.entries(None, new).items():
+        stats[k].value = v
+    return y
+
+  # ------------------------------------------------------------------
+  # flax.nnx modules
+
+  def read_nnx(self, module: Any) -> tuple[BNParams, BNState | BNAccState]:
+    """``(params, state)`` of an nnx batch norm (:class:`jaxbn.nnx.BatchNorm` or flax's).
+
+    Entries the module does not hold are filled as :func:`jaxbn.bn_init` would.
+    """
+    return self.from_entries(
+      _nnx_values(module, PARAM_NAMES), _nnx_values(module, STAT_NAMES), fn="BNLayer.read_nnx"
+    )
+
+  def write_nnx(self, module: Any, params: BNParams | None, state: BNState | None) -> Any:
+    """Writes ``params`` and ``state`` into an nnx batch norm, in place.
+
+    Every entry the module holds is written (it must hold those this layer
+    stores); ``params`` or ``state`` may be ``None`` (left as they are).
+    Returns ``module``.
+    """
+    stored = self.entries(params, state)
+    for k, v in self._all_entries(params, state).items():
+      var = getattr(module, k, None)
+      if var is not None:
+        var.set_value(v)
+      elif k in stored:
+        raise ValueError(
+          f"BNLayer.write_nnx: the layer stores {k!r}, but {type(module).__qualname__} has no "
+          f"such variable; make the module with the same options."
+        )
+    return module
+
+  # ------------------------------------------------------------------
+  # Normalization
+
+  def normalize(
+    self,
+    params: BNParams,
+    state: BNState,
+    x: jax.Array,
+    *,
+    use_running_average: bool,
+    mask: jax.Array | None = None,
+    initializing: bool = False,
+    where: str | None = None,
+  ) -> tuple[jax.Array, BNState | None]:
+    """``(y, new_state)`` in training, ``(y, None)`` with the running statistics.
+
+    ``where`` names the layer (its path in the model) in the error raised for
+    params and state of different shapes.
+
+    While a module initializes, the named-axis collective is skipped (the axis
+    need not exist yet) and no one-value-per-feature warning is raised (flax
+    idioms initialize on a single example); the state is not updated then.
+    """
+    try:
+      if use_running_average:
+        return bn_infer(params, state, x, self.options), None
+      if not initializing:
+        return bn_train(params, state, x, self.options, mask=mask)
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingleValueWarning)
+        y, _ = bn_train(
+          params, state, x, self.options, mask=mask, axis_name=None, axis_index_groups=None
+        )
+      return y, None
+    except StateMismatchError as e:
+      if where is None:
+        raise
+      raise StateMismatchError(f"{where}: {e}") from None
+
+
+def _nnx_values(module: Any, names: Sequence[str]) -> dict[str, Any]:
+  """The values of the nnx variables ``names`` that ``module`` holds."""
+  out = {}
+  for k in names:
+    var = getattr(module, k, None)
+    if var is not None:
+      out[k] = var[...]
+  return out
