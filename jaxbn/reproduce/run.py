@@ -126,7 +126,8 @@ def _population_evaluator(net: _Net, ds: data_lib.Dataset, evaluate_all: Callabl
 
   def forward(params, state, x, **bn_kwargs):
     apply = lambda p, s: net.apply(p, s, x, train=True, **bn_kwargs)[:2]
-    axes = tuple(s._replace(mean=0, var=0, count=0, step=None) for s in state)
+    # Every statistic per run (axis 0) but the step counter, common to all runs.
+    axes = tuple(jax.tree.map(lambda _: 0, s)._replace(step=None) for s in state)
     return jax.vmap(apply, in_axes=(0, axes), out_axes=(0, axes))(params, state)
 
   x_tr = jnp.asarray(ds.x_train)
