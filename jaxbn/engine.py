@@ -476,8 +476,8 @@ def train(
   fixed_tx = isinstance(tx, optax.GradientTransformation)
   if fixed_tx == (learning_rate is not None):
     raise ValueError(
-      "engine.train: give learning_rate (plain SGD, or for a tx that is a function of it) or an optax "
-      f"optimizer tx, not both or neither; got {learning_rate=} and {tx=}."
+      "engine.train: give learning_rate (plain SGD, or for a tx that is a function of it) or an "
+      f"optax optimizer tx, not both or neither; got {learning_rate=} and {tx=}."
     )
   several = not isinstance(seed, (int, np.integer))
   seeds = [int(s) for s in seed] if several else [int(seed)]
@@ -492,7 +492,9 @@ def train(
       )
     lr = np.broadcast_to(lr.reshape(-1), (len(seeds),))
   elif lr.ndim:
-    raise ValueError(f"engine.train: one run (an int seed) takes one learning rate, got {lr.tolist()}.")
+    raise ValueError(
+      f"engine.train: one run (an int seed) takes one learning rate, got {lr.tolist()}."
+    )
 
   def make_tx(lr):
     if tx is None:
