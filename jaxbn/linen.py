@@ -66,8 +66,9 @@ class BatchNorm(nn.Module):
   - ``use_fast_variance`` and ``force_float32_reductions`` are accepted and
     have no effect: jaxbn always computes the variance two-pass in at least
     float32, because flax's one-pass ``E[x^2] - E[x]^2`` loses every digit far
-    from zero (on a ``(256, 8)`` batch of ``1e4 + N(0, 1)`` its per-feature
-    output standard deviations range from 0.16 to 327 instead of 1), and
+    from zero (on a ``(256, 1024)`` batch of ``1e4 + N(0, 1)`` its per-feature
+    output standard deviations range from 0.2 to 356 instead of 1, as
+    docs/numerics.md computes), and
     reduced-precision reductions lose the statistics of long batches. The
     results equal flax's with ``use_fast_variance=False``.
   - The output has ``dtype`` if given, else the input's dtype (flax returns

@@ -1,4 +1,4 @@
-"""Data parallelism: the batch sharded over every device, batch norm synchronized.
+"""Data parallelism: the batch sharded over every device, batch norm over the global batch.
 
 The way to scale is ``jax.jit`` on sharded arrays: the batch split over a
 mesh axis with a ``NamedSharding``, the state replicated, and the model and
