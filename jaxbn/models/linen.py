@@ -8,7 +8,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxbn import linen as jbn_linen
@@ -18,8 +17,10 @@ from jaxbn.folding import fold_bn
 from jaxbn.layer import BNLayer
 from jaxbn.models.common import PREACTIVATION
 from jaxbn.models.common import Activation
+from jaxbn.models.common import FoldTrace
 from jaxbn.models.common import activation_fn
 from jaxbn.models.common import flatten
+from jaxbn.models.common import qualified_name
 
 # --------------------------------------------------------------------------
 # flax.linen
@@ -129,11 +130,6 @@ _BATCH_NORMS = (jbn_linen.BatchNorm, nn.BatchNorm)
 _LINEAR = (nn.Dense, nn.Conv)
 
 
-def _name(module: Any) -> str:
-  cls = type(module)
-  return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _known_pairs(model: Any) -> list[tuple[str, str, BNLayer]]:
   """``(linear, batch norm, its layer)`` of a :class:`MLP` or :class:`CNN`, by their names."""
   name = "Dense" if isinstance(model, MLP) else "Conv"
@@ -148,10 +144,7 @@ def _traced_pairs(fn: str, model: Any, variables: Any, args: tuple, kwargs: dict
   follows the data: a batch norm folds when its input is the very output of
   a ``Dense`` or ``Conv`` call.
   """
-  outputs: dict[int, tuple[Any, str, Any]] = {}  # id(output) -> (output, path, module)
-  last: list[tuple[str, Any]] = []  # the module calls finished so far
-  pairs: dict[str, tuple[str, BNLayer]] = {}
-  problems: list[str] = []
+  trace = FoldTrace("Dense or Conv")
 
   def intercept(next_fun, a, kw, context):
     mod = context.module
@@ -159,49 +152,15 @@ def _traced_pairs(fn: str, model: Any, variables: Any, args: tuple, kwargs: dict
       return next_fun(*a, **kw)
     path = "/".join(mod.path)
     if isinstance(mod, _BATCH_NORMS):
-      x = a[0] if a else kw.get("x")
-      src = outputs.get(id(x))
-      where = f"layer {path!r} ({_name(mod)})"
-      if path in pairs:
-        problems.append(f"{where} is called more than once")
-      elif src is None:
-        before = (
-          f"the last layer called before it is {last[-1][0]!r} ({_name(last[-1][1])})"
-          if last
-          else "no layer is called before it"
-        )
-        problems.append(
-          f"{where} does not directly follow a Dense or Conv: its input is not such a "
-          f"layer's output ({before}; an operation between them, such as an activation, "
-          f"cannot be folded)"
-        )
-      elif src[1] in [linear for linear, _ in pairs.values()]:
-        problems.append(f"{where} normalizes {src[1]!r}, whose output another batch norm has")
-      else:
-        ndim = jnp.ndim(x)
-        layer = BNLayer.of(mod)
-        axis = layer.options.axis
-        axes = axis if isinstance(axis, (tuple, list)) else (axis,)
-        if {int(a) % ndim for a in axes} != {ndim - 1}:
-          problems.append(
-            f"{where} normalizes axis {axis!r} of its {ndim}-d input; folding into "
-            f"{src[1]!r} ({_name(src[2])}) needs the features on the last axis"
-          )
-        else:
-          pairs[path] = (src[1], layer)
+      trace.batch_norm(path, mod, a[0] if a else kw.get("x"), BNLayer.of(mod).options.axis)
     out = next_fun(*a, **kw)
-    last.append((path, mod))
-    if isinstance(mod, _LINEAR):
-      outputs[id(out)] = (out, path, mod)
+    trace.called(path, mod, out, linear=isinstance(mod, _LINEAR))
     return out
 
   with nn.intercept_methods(intercept):
     jax.eval_shape(lambda v, *a: model.apply(v, *a, **kwargs), variables, *args)
-  if problems:
-    raise ValueError(f"{fn}: cannot fold {_name(model)}: " + "; ".join(problems) + ".")
-  if not pairs:
-    raise ValueError(f"{fn}: {_name(model)} calls no batch norm; there is nothing to fold.")
-  return [(linear, bn, layer) for bn, (linear, layer) in pairs.items()]
+  pairs = trace.result(fn, model)
+  return [(linear, bn, BNLayer.of(mod)) for bn, (linear, mod) in pairs.items()]
 
 
 def _fold_variables(fn: str, variables: Any, pairs: list[tuple[str, str, BNLayer]]) -> dict:
@@ -345,7 +304,7 @@ def fold_linen(model: Any, variables: Any, *args: Any, **kwargs: Any) -> tuple[A
     pairs = _known_pairs(model)
   elif not args and not kwargs:
     raise TypeError(
-      f"{fn}: {_name(model)} is not a jaxbn.models.MLP or CNN; pass an example call after "
+      f"{fn}: {qualified_name(model)} is not a jaxbn.models.MLP or CNN; pass an example call after "
       f"the variables, fold_linen(model, variables, x, train=False), so that the layer "
       f"each batch norm follows can be traced."
     )

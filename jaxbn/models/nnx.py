@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import nnx as jbn_nnx
@@ -16,8 +15,10 @@ from jaxbn.folding import fold_bn
 from jaxbn.layer import BNLayer
 from jaxbn.models.common import PREACTIVATION
 from jaxbn.models.common import Activation
+from jaxbn.models.common import FoldTrace
 from jaxbn.models.common import activation_fn
 from jaxbn.models.common import flatten
+from jaxbn.models.common import qualified_name
 
 
 def _nnx_sow(module: nnx.Module, x: jax.Array) -> None:
@@ -163,11 +164,6 @@ _BATCH_NORMS = (jbn_nnx.BatchNorm, nnx.BatchNorm)
 _LINEAR = (nnx.Linear, nnx.Conv)
 
 
-def _name(module: Any) -> str:
-  cls = type(module)
-  return f"{cls.__module__}.{cls.__qualname__}"
-
-
 class FoldedBatchNorm(nnx.Module):
   """A batch norm folded into the layer before it (by :func:`fold_nnx`): the identity.
 
@@ -199,52 +195,17 @@ def _traced_pairs(fn: str, model: Any, args: tuple, kwargs: dict) -> list[tuple[
   """
   probe = nnx.clone(model)
   paths = {id(n): p for p, n in _nodes(probe).items()}
-  outputs: dict[int, tuple[Any, tuple, Any]] = {}
-  last: list[tuple[tuple, Any]] = []
-  pairs: dict[tuple, tuple] = {}
-  problems: list[str] = []
-
-  def check(bn: Any, x: Any) -> None:
-    path = paths.get(id(bn), ("?",))
-    where = f"layer {_path(path)!r} ({_name(bn)})"
-    src = outputs.get(id(x))
-    if path in pairs:
-      problems.append(f"{where} is called more than once")
-    elif src is None:
-      before = (
-        f"the last layer called before it is {_path(last[-1][0])!r} ({_name(last[-1][1])})"
-        if last
-        else "no layer is called before it"
-      )
-      problems.append(
-        f"{where} does not directly follow a Linear or Conv: its input is not such a "
-        f"layer's output ({before}; an operation between them, such as an activation, "
-        f"cannot be folded)"
-      )
-    elif src[1] in pairs.values():
-      problems.append(f"{where} normalizes {_path(src[1])!r}, whose output another batch norm has")
-    else:
-      axis = BNLayer.of(bn).options.axis
-      axes = axis if isinstance(axis, (tuple, list)) else (axis,)
-      ndim = jnp.ndim(x)
-      if {int(a) % ndim for a in axes} != {ndim - 1}:
-        problems.append(
-          f"{where} normalizes axis {axis!r} of its {ndim}-d input; folding into "
-          f"{_path(src[1])!r} ({_name(src[2])}) needs the features on the last axis"
-        )
-      else:
-        pairs[path] = src[1]
+  trace = FoldTrace("Linear or Conv", _path)
 
   def spy(cls: type) -> Any:
     call = cls.__call__
 
     def spied(self, *a, **kw):
+      path = paths.get(id(self), ("?",))
       if isinstance(self, _BATCH_NORMS):
-        check(self, a[0] if a else kw.get("x"))
+        trace.batch_norm(path, self, a[0] if a else kw.get("x"), BNLayer.of(self).options.axis)
       out = call(self, *a, **kw)
-      last.append((paths.get(id(self), ("?",)), self))
-      if isinstance(self, _LINEAR):
-        outputs[id(out)] = (out, paths.get(id(self), ("?",)), self)
+      trace.called(path, self, out, linear=isinstance(self, _LINEAR))
       return out
 
     return call, spied
@@ -258,11 +219,7 @@ def _traced_pairs(fn: str, model: Any, args: tuple, kwargs: dict) -> list[tuple[
   finally:
     for cls, call in saved.items():
       cls.__call__ = call
-  if problems:
-    raise ValueError(f"{fn}: cannot fold {_name(model)}: " + "; ".join(problems) + ".")
-  if not pairs:
-    raise ValueError(f"{fn}: {_name(model)} calls no batch norm; there is nothing to fold.")
-  return [(linear, bn) for bn, linear in pairs.items()]
+  return [(linear, bn) for bn, (linear, _) in trace.result(fn, model).items()]
 
 
 def _fold_into(layer: Any, bn: Any) -> None:
@@ -352,8 +309,8 @@ def fold_nnx(model: Any, *args: Any, **kwargs: Any) -> Any:
     return folded
   if not args and not kwargs:
     raise TypeError(
-      f"{fn}: {_name(model)} is not a jaxbn.models.NNXMLP or NNXCNN; pass an example call, "
-      f"fold_nnx(model, x), so that the layer each batch norm follows can be found."
+      f"{fn}: {qualified_name(model)} is not a jaxbn.models.NNXMLP or NNXCNN; pass an example "
+      f"call, fold_nnx(model, x), so that the layer each batch norm follows can be found."
     )
   pairs = _traced_pairs(fn, model, args, kwargs)
   folded = nnx.clone(model)
