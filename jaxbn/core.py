@@ -825,34 +825,12 @@ def bn_train(
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1.
   """
+  # Every option as given (the sentinel FROM_OPTIONS where not), before any other local.
+  given = {k: v for k, v in locals().items() if k in BNOptions._fields}
   fn = "bn_train"
-  (
-    momentum,
-    epsilon,
-    axis,
-    axis_name,
-    axis_index_groups,
-    ghost_batch_size,
-    renorm,
-    ema_warmup,
-    running_var,
-    accumulate_steps,
-  ) = _options(
-    fn,
-    options,
-    {
-      "momentum": momentum,
-      "epsilon": epsilon,
-      "axis": axis,
-      "axis_name": axis_name,
-      "axis_index_groups": axis_index_groups,
-      "ghost_batch_size": ghost_batch_size,
-      "renorm": renorm,
-      "ema_warmup": ema_warmup,
-      "running_var": running_var,
-      "accumulate_steps": accumulate_steps,
-    },
-  )
+  opts = _options(fn, options, given)
+  momentum, epsilon, axis, axis_name, axis_index_groups = opts[:5]
+  ghost_batch_size, renorm, ema_warmup, running_var, accumulate_steps = opts[5:]
   x = _input(x)
   feature_shape = _check_tree(fn, params, state)
   lay = _layout(fn, x, axis, feature_shape)

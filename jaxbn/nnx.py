@@ -152,22 +152,8 @@ class BatchNorm(nnx.Module):
     accumulate_steps: int = DEFAULTS.accumulate_steps,
     options: BNOptions | None = None,
   ):
-    options = merge_options(
-      "jaxbn.nnx.BatchNorm",
-      options,
-      {
-        "axis": axis,
-        "momentum": momentum,
-        "epsilon": epsilon,
-        "axis_name": axis_name,
-        "axis_index_groups": axis_index_groups,
-        "ghost_batch_size": ghost_batch_size,
-        "renorm": renorm,
-        "ema_warmup": ema_warmup,
-        "running_var": running_var,
-        "accumulate_steps": accumulate_steps,
-      },
-    )
+    given = {k: v for k, v in locals().items() if k in BNOptions._fields}  # first, as given
+    options = merge_options("jaxbn.nnx.BatchNorm", options, given)
     layer = BNLayer(num_features, options, param_dtype, use_scale, use_bias)
     try:
       _, state = layer.init()  # bn_init checks num_features and param_dtype
