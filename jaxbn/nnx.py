@@ -302,10 +302,10 @@ def nnx_population_stats(
     copy = nnx.merge(graphdef, nnx_state)
     copies = bn_layers(copy)
     for k, bn in copies.items():
-      s = states[k]
-      bn.mean[...], bn.var[...] = s.mean, s.var
-      # The copy keeps the count and step even where the model does not.
-      bn.count, bn.step = nnx.BatchStat(s.count), nnx.BatchStat(s.step)
+      # The copy holds every entry of the plain state (count and step even where the
+      # model does not), whatever BNState's fields are.
+      for name, value in states[k]._asdict().items():
+        setattr(bn, name, nnx.BatchStat(value))
       bn.use_running_average = False
       bn.accumulate_steps = 1  # one update per batch, whatever the layer accumulates
       for name, value in bn_kwargs.items():
