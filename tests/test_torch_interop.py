@@ -1,4 +1,4 @@
-"""PyTorch interop (jaxbn.torch_port), checked against torch itself on CPU.
+"""PyTorch interop (jaxbn.torch), checked against torch itself on CPU.
 
 torch is the independent reference here: every expected value is what a torch
 module computes, in float64 and float32. Tolerances are in units of the dtype's
@@ -23,7 +23,7 @@ from flax import nnx
 import jaxbn
 from jaxbn import linen as jbn
 from jaxbn import nnx as jbnx
-from jaxbn import torch_port
+from jaxbn import torch as jtorch  # `torch` is PyTorch itself
 
 pytestmark = pytest.mark.slow  # end-to-end: the full suite runs it, -m 'not slow' skips it
 
@@ -81,8 +81,22 @@ def _assert_close(got, want, atol, what=""):
 
 
 def test_import_jaxbn_does_not_import_torch():
-  code = "import sys, jaxbn; jaxbn.torch_port; assert 'torch' not in sys.modules, 'torch imported'"
+  code = "import sys, jaxbn, jaxbn.torch; assert 'torch' not in sys.modules, 'torch imported'"
   subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_torch_port_is_a_deprecated_alias_of_jaxbn_torch(monkeypatch):
+  # Imported afresh whether or not an earlier test imported it; sys.modules and the package's
+  # attribute are put back as they were after the test.
+  for namespace, key in ((sys.modules, "jaxbn.torch_port"), (vars(jaxbn), "torch_port")):
+    monkeypatch.setitem(namespace, key, None)  # records the entry (or its absence) to restore
+    monkeypatch.delitem(namespace, key)
+  message = r"jaxbn\.torch_port is deprecated: use jaxbn\.torch \(same names\)"
+  with pytest.warns(DeprecationWarning, match=message) as w:
+    import jaxbn.torch_port as old
+  assert [r.filename for r in w] == [__file__]  # stacklevel: the warning points at the import
+  assert old.__all__ == jtorch.__all__
+  assert all(getattr(old, name) is getattr(jtorch, name) for name in jtorch.__all__)
 
 
 # --------------------------------------------------------------------- evaluation
@@ -165,7 +179,7 @@ def test_ported_arrays_do_not_alias_torch_memory():
   bn = _trained_bn(torch.nn.BatchNorm1d, 64, (4, 64), torch.float32)
   conv = torch.nn.Conv2d(3, 64, 1)
   params, state = jaxbn.from_torch(bn)
-  kernel = torch_port.torch_conv_kernel(conv.weight)
+  kernel = jtorch.torch_conv_kernel(conv.weight)
   before = [np.array(a) for a in (*params, *state, kernel)]
   with torch.no_grad():
     for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv.weight):
@@ -288,7 +302,7 @@ def test_ported_statistics_survive_ema_warmup_and_cumulative_average():
   with precision("float64") as (tdtype, atol, _):
     bn = _trained_bn(torch.nn.BatchNorm1d, 3, (4, 3), tdtype, steps=5)
     params, state = jaxbn.from_torch(bn)
-    np.testing.assert_array_equal(state.count, np.full(3, torch_port.PORTED_COUNT))
+    np.testing.assert_array_equal(state.count, np.full(3, jtorch.PORTED_COUNT))
     settings = jaxbn.torch_settings(bn)
     x = torch.randn(64, 3, dtype=tdtype) + 10
     # ema_warmup: the plain EMA, i.e. torch's own update (a count of 0 would
@@ -302,8 +316,8 @@ def test_ported_statistics_survive_ema_warmup_and_cumulative_average():
     # momentum=None: the ported statistics weigh as PORTED_COUNT values.
     _, new = jaxbn.bn_train(params, state, jnp.asarray(_np(x)), momentum=None)
     n = 64.0
-    want = (torch_port.PORTED_COUNT * np.asarray(state.mean) + n * _np(x.mean(0))) / (
-      torch_port.PORTED_COUNT + n
+    want = (jtorch.PORTED_COUNT * np.asarray(state.mean) + n * _np(x.mean(0))) / (
+      jtorch.PORTED_COUNT + n
     )
     _assert_close(new.mean, want, atol, "momentum=None mean")
     assert np.all(np.abs(np.asarray(new.mean) - np.asarray(state.mean)) < 1e-8)
@@ -409,7 +423,7 @@ def test_linen_variables_evaluate_with_ema_warmup_and_cumulative():
   assert plain["params"] == {} and sorted(plain["batch_stats"]) == ["mean", "var"]
   with pytest.raises(ValueError, match="use_scale=False"):
     jaxbn.from_torch_linen(bn, jbn.BatchNorm(use_scale=False))
-  back = jaxbn.torch_port.to_torch_linen(jaxbn.from_torch_linen(bn), torch.nn.BatchNorm2d(3))
+  back = jtorch.to_torch_linen(jaxbn.from_torch_linen(bn), torch.nn.BatchNorm2d(3))
   for k in ("weight", "bias", "running_mean", "running_var"):
     assert torch.equal(getattr(back, k), getattr(bn, k)), k
   assert int(back.num_batches_tracked) == 0  # linen keeps no step unless a renorm schedule does
@@ -444,7 +458,7 @@ def test_nnx_module_fill_eval_and_round_trip(dtype):
     bn.eval()
     x = torch.randn(5, 4, dtype=tdtype)
     _assert_close(bn(jnp.asarray(_np(x))), _np(tbn.eval()(x)), atol, "nnx eval")
-    back = jaxbn.torch_port.to_torch_nnx(bn, torch.nn.BatchNorm1d(4, momentum=None).to(tdtype))
+    back = jtorch.to_torch_nnx(bn, torch.nn.BatchNorm1d(4, momentum=None).to(tdtype))
     for k in ("weight", "bias", "running_mean", "running_var"):
       assert torch.equal(getattr(back, k), getattr(tbn, k)), k
     # momentum=None in a module: jaxbn's count-weighted statistics, whose mean follows
@@ -467,18 +481,18 @@ def test_conv_kernel_layout(dim):
     x = torch.randn(2, 4, *(5,) * dim, dtype=torch.float64)
     spatial = "DHW"[-dim:]
     y = jax.lax.conv_general_dilated(
-      torch_port.nchw_to_nhwc(x),
-      torch_port.torch_conv_kernel(conv.weight),
+      jtorch.nchw_to_nhwc(x),
+      jtorch.torch_conv_kernel(conv.weight),
       (1,) * dim,
       [(1, 1)] * dim,
       dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
       feature_group_count=2,
     )
-    _assert_close(torch_port.nhwc_to_nchw(y), _np(conv(x)), LAYER_EPS * EPS64, "conv")
+    _assert_close(jtorch.nhwc_to_nchw(y), _np(conv(x)), LAYER_EPS * EPS64, "conv")
   x32 = jnp.asarray(_np(x), jnp.float32)
-  np.testing.assert_array_equal(torch_port.nhwc_to_nchw(torch_port.nchw_to_nhwc(x32)), x32)
+  np.testing.assert_array_equal(jtorch.nhwc_to_nchw(jtorch.nchw_to_nhwc(x32)), x32)
   with pytest.raises(ValueError, match="convolution weight"):
-    torch_port.torch_conv_kernel(torch.ones(3, 3))
+    jtorch.torch_conv_kernel(torch.ones(3, 3))
 
 
 def test_linear_kernel_layout_after_flatten():
@@ -486,22 +500,22 @@ def test_linear_kernel_layout_after_flatten():
     fc = torch.nn.Linear(3 * 2 * 4, 5).double()
     x = torch.randn(7, 3, 2, 4, dtype=torch.float64)
     want = _np(fc(torch.flatten(x, 1)))
-    flat = torch_port.nchw_to_nhwc(x).reshape(7, -1)  # (h, w, c) order
-    k = torch_port.torch_linear_kernel(fc.weight, input_chw=(3, 2, 4))
+    flat = jtorch.nchw_to_nhwc(x).reshape(7, -1)  # (h, w, c) order
+    k = jtorch.torch_linear_kernel(fc.weight, input_chw=(3, 2, 4))
     _assert_close(
       flat @ k + jnp.asarray(_np(fc.bias))[None], want, LAYER_EPS * EPS64, "linear after flatten"
     )
-    plain = torch_port.torch_linear_kernel(fc.weight)
+    plain = jtorch.torch_linear_kernel(fc.weight)
     _assert_close(
       jnp.asarray(_np(torch.flatten(x, 1))) @ plain, want - _np(fc.bias), LAYER_EPS * EPS64
     )
   with pytest.raises(ValueError, match="input_chw"):
-    torch_port.torch_linear_kernel(fc.weight.float(), input_chw=(3, 3))
+    jtorch.torch_linear_kernel(fc.weight.float(), input_chw=(3, 3))
 
 
 def test_from_torch_model_rejects_unknown_layers_with_state():
   with pytest.raises(ValueError, match="LayerNorm"):
-    torch_port.from_torch_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    jtorch.from_torch_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
 
 
 # --------------------------------------------------------------------- a whole CNN, end to end
@@ -559,13 +573,13 @@ def _cnn_end_to_end(dtype, flavour):
     torch_step(x, y)
 
   test_x = torch.from_numpy(rng.normal(size=(32, 3, 8, 8))).to(tdtype)
-  jx = lambda t: torch_port.nchw_to_nhwc(t)
+  jx = lambda t: jtorch.nchw_to_nhwc(t)
   settings = jaxbn.torch_settings(net.bn)
 
   if flavour == "linen":
     model = LinenCNN(tuple(settings.module_kwargs().items()), jnp.dtype(dtype))
-    variables = torch_port.from_torch_model(net)
-    variables["params"]["fc"]["kernel"] = torch_port.torch_linear_kernel(
+    variables = jtorch.from_torch_model(net)
+    variables["params"]["fc"]["kernel"] = jtorch.torch_linear_kernel(
       net.fc.weight, input_chw=(6, 4, 4)
     )
     ref = model.init(jax.random.key(0), jx(test_x), train=False)
@@ -582,9 +596,9 @@ def _cnn_end_to_end(dtype, flavour):
   else:  # plain JAX functions around the core
     bn_params, stats = jaxbn.from_torch(net.bn)
     params = {
-      "conv": torch_port.torch_conv_kernel(net.conv.weight),
+      "conv": jtorch.torch_conv_kernel(net.conv.weight),
       "bn": bn_params,
-      "fc": torch_port.torch_linear_kernel(net.fc.weight, input_chw=(6, 4, 4)),
+      "fc": jtorch.torch_linear_kernel(net.fc.weight, input_chw=(6, 4, 4)),
       "fc_bias": jnp.asarray(_np(net.fc.bias)),
     }
 
@@ -631,7 +645,7 @@ def _cnn_end_to_end(dtype, flavour):
   errs["running var"] = np.max(np.abs(np.asarray(var) - _np(net.bn.running_var)))
   conv_k = params["conv"]["kernel"] if flavour == "linen" else params["conv"]
   errs["conv kernel"] = np.max(
-    np.abs(np.asarray(conv_k) - np.asarray(torch_port.torch_conv_kernel(net.conv.weight)))
+    np.abs(np.asarray(conv_k) - np.asarray(jtorch.torch_conv_kernel(net.conv.weight)))
   )
   if flavour != "linen":
     assert int(stats.step) == int(net.bn.num_batches_tracked) == 13

@@ -1,0 +1,417 @@
+"""One torch batch norm as ``(BNParams, BNState)`` and back, and the settings that match torch's.
+
+The exact copies of one layer's parameters and running statistics between a
+``torch.nn.BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``, or its state dict) and
+``(BNParams, BNState)``, the jaxbn arguments that reproduce torch's updates
+(:class:`TorchSettings`), and the helpers the other modules of
+:mod:`jaxbn.torch` share (torch imported on first use, tensors to JAX arrays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
+from jaxbn.layer import BNLayer
+from jaxbn.numerics import stats_dtype
+
+Array = jax.Array
+
+__all__ = (
+  "PORTED_COUNT",
+  "TorchSettings",
+  "from_torch",
+  "to_torch",
+  "torch_settings",
+)
+
+PORTED_COUNT = 2.0**40
+"""``BNState.count`` given to ported statistics when their count is not known.
+
+PyTorch does not record how many values entered its running statistics. A
+count of 0 would make the first ``ema_warmup`` or ``momentum=None`` update
+replace them by the first batch's; this count makes them weigh as the
+statistics of a data set far larger than any batch instead: with
+``ema_warmup=True`` the update is exactly the plain EMA (torch's) for every
+batch of fewer than ``PORTED_COUNT * (1 - momentum) / momentum`` values per
+feature (1.2e11 at momentum 0.9), and with ``momentum=None`` a batch of ``n``
+values moves them by the weight ``n / (PORTED_COUNT + n)``. It is a power of 2,
+exact in float32, and small enough that ``var * count`` stays finite for any
+variance below 3e26.
+"""
+
+
+def _torch():
+  """Imports torch on first use, so that ``import jaxbn`` does not need it."""
+  from jaxbn.extras import require
+
+  return require("torch", "jaxbn.torch")
+
+
+# --------------------------------------------------------------------------
+# Settings
+
+
+class TorchSettings(NamedTuple):
+  """The jaxbn arguments that reproduce a torch batch norm's behaviour.
+
+  Attributes:
+    momentum: jaxbn's momentum (weight of the old value): ``1 - m`` for
+      torch's ``momentum=m``; ``None`` for torch's ``momentum=None`` (see
+      :meth:`train_kwargs` and :meth:`module_kwargs` for what that maps to).
+    epsilon: torch's ``eps``.
+    running_var: ``"unbiased"``: torch updates the running variance with
+      ``n/(n-1) var_B``.
+    affine: torch's ``affine``: False means scale 1 and bias 0, not trained.
+    track_running_stats: torch's ``track_running_stats``: False means the
+      batch statistics are used in evaluation too (call ``bn_train``, or the
+      modules with ``use_running_average=False``, and ignore the new state).
+  """
+
+  momentum: float | None
+  epsilon: float
+  running_var: str
+  affine: bool
+  track_running_stats: bool
+
+  def train_kwargs(self, state: BNState | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`jaxbn.bn_train` giving torch's update.
+
+    ``{"momentum", "epsilon", "running_var"}``. For torch's
+    ``momentum=None`` (a cumulative average with equal weight per batch: the
+    new batch weighs ``1 / num_batches_tracked`` after the increment), the
+    momentum is ``state.step / (state.step + 1)``, an array that gives
+    torch's update at every step (to rounding), under ``jit`` too.
+
+    Args:
+      state: the state about to be updated; needed only for torch's
+        ``momentum=None``.
+
+    Returns:
+      A dict to pass as ``**kwargs`` to ``bn_train``.
+
+    Raises:
+      ValueError: torch's ``momentum=None`` and no ``state``.
+    """
+    momentum = self.momentum
+    if momentum is None:
+      if state is None:
+        raise ValueError(
+          "TorchSettings.train_kwargs: torch's momentum=None weighs the new batch by "
+          "1 / (num_batches_tracked + 1); pass the state about to be updated "
+          "(train_kwargs(state)) so that its step gives that weight."
+        )
+      step = jnp.asarray(state.step).astype(state.mean.dtype)
+      momentum = step / (step + 1)
+    return {"momentum": momentum, "epsilon": self.epsilon, "running_var": self.running_var}
+
+  def module_kwargs(self) -> dict[str, Any]:
+    """Constructor arguments of :class:`jaxbn.linen.BatchNorm` / :class:`jaxbn.nnx.BatchNorm`.
+
+    ``{"momentum", "epsilon", "running_var", "use_scale", "use_bias"}``. A
+    module's momentum is a constant, so torch's ``momentum=None`` maps to
+    jaxbn's ``momentum=None``: the exact statistics of every value seen
+    (Chan's merge, weighted by ``count``), where torch averages per-batch
+    means and unbiased variances with equal weight per batch. With
+    ``count = num_batches_tracked * n`` (``from_torch(..., batch_values=n)``)
+    and batches of ``n`` values, the new batch's mean gets torch's weight
+    ``1 / (num_batches_tracked + 1)``; the variance differs from torch's by
+    the spread of the batch means (pooled, not averaged). For torch's exact
+    update use :func:`jaxbn.bn_train` with :meth:`train_kwargs`.
+
+    With ``track_running_stats=False``, call the module with
+    ``use_running_average=False`` in evaluation too.
+    """
+    return {
+      "momentum": self.momentum,
+      "epsilon": self.epsilon,
+      "running_var": self.running_var,
+      "use_scale": self.affine,
+      "use_bias": self.affine,
+    }
+
+
+def _check_bn_module(fn: str, module: Any) -> None:
+  torch = _torch()
+  if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+    raise TypeError(
+      f"{fn}: expected a torch BatchNorm1d/2d/3d or SyncBatchNorm, got {type(module).__name__}."
+    )
+  for t in (module.weight, module.running_mean):
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
+      raise ValueError(f"{fn}: {type(module).__name__} is not initialized yet; run it once first.")
+
+
+def torch_settings(module: Any) -> TorchSettings:
+  """The jaxbn settings equivalent to a torch batch norm's.
+
+  Args:
+    module: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm`` (a state
+      dict does not hold these settings; torch's defaults map to
+      ``momentum=0.9, epsilon=1e-5, running_var="unbiased"``).
+
+  Returns:
+    :class:`TorchSettings`.
+
+  Examples:
+    >>> import torch
+    >>> import jaxbn
+    >>> s = jaxbn.torch_settings(torch.nn.BatchNorm2d(8))
+    >>> s.momentum, s.epsilon, s.running_var, s.affine, s.track_running_stats
+    (0.9, 1e-05, 'unbiased', True, True)
+    >>> jaxbn.torch_settings(torch.nn.BatchNorm1d(8, momentum=None, affine=False)).momentum is None
+    True
+  """
+  _check_bn_module("torch_settings", module)
+  return TorchSettings(
+    momentum=None if module.momentum is None else 1.0 - float(module.momentum),
+    epsilon=float(module.eps),
+    running_var="unbiased",
+    affine=bool(module.affine),
+    track_running_stats=bool(module.track_running_stats),
+  )
+
+
+# --------------------------------------------------------------------------
+# Batch norm: torch -> jaxbn
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+  """A torch tensor's values as a NumPy array of the same dtype (bfloat16 included)."""
+  torch = _torch()
+  if isinstance(t, torch.Tensor):
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: widen exactly, narrow in _to_jax
+      return t.float().numpy().astype(jnp.bfloat16)
+    return t.numpy()
+  return np.asarray(t)
+
+
+def _to_jax(t: Any, dtype: Any = None) -> Array:
+  a = _to_numpy(t)
+  # A copy: jnp.asarray with an explicit dtype can alias the NumPy buffer, i.e. the torch
+  # tensor's memory, which torch may later update in place. The explicit dtype makes JAX
+  # warn when float64 is truncated (x64 disabled).
+  return jnp.array(a, dtype=a.dtype if dtype is None else dtype, copy=True)
+
+
+class _Tensors(NamedTuple):
+  weight: Any
+  bias: Any
+  running_mean: Any
+  running_var: Any
+  num_batches_tracked: Any
+  num_features: int
+
+
+def _tensors(fn: str, source: Any, prefix: str) -> _Tensors:
+  """The batch-norm tensors of a module or a state dict (``None`` where absent)."""
+  torch = _torch()
+  if isinstance(source, torch.nn.Module):
+    if prefix:
+      source = source.get_submodule(prefix.rstrip("."))
+    _check_bn_module(fn, source)
+    return _Tensors(
+      source.weight,
+      source.bias,
+      source.running_mean,
+      source.running_var,
+      source.num_batches_tracked,
+      int(source.num_features),
+    )
+  if not isinstance(source, Mapping):
+    raise TypeError(
+      f"{fn}: expected a torch batch-norm module or its state dict, got {type(source).__name__}."
+    )
+  names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+  got = {k: source.get(prefix + k) for k in names}
+  if (got["weight"] is None) != (got["bias"] is None):
+    raise ValueError(f"{fn}: the state dict has only one of {prefix}weight and {prefix}bias.")
+  if (got["running_mean"] is None) != (got["running_var"] is None):
+    raise ValueError(
+      f"{fn}: the state dict has only one of {prefix}running_mean and {prefix}running_var."
+    )
+  first = got["weight"] if got["weight"] is not None else got["running_mean"]
+  if first is None:
+    raise ValueError(
+      f"{fn}: no {prefix}weight or {prefix}running_mean in the state dict (keys: "
+      f"{sorted(source)[:8]}...); pass prefix= for a layer of a whole model's state dict, "
+      f"or the module itself for affine=False, track_running_stats=False."
+    )
+  return _Tensors(*got.values(), num_features=int(np.shape(first)[0]))
+
+
+def from_torch(
+  source: Any, *, prefix: str = "", batch_values: float | None = None
+) -> tuple[BNParams, BNState]:
+  r"""A torch batch norm's parameters and running statistics as ``(BNParams, BNState)``.
+
+  Exact copies, in the tensors' dtypes (state at least float32)::
+
+      scale = weight          (1 when affine=False)
+      bias  = bias            (0 when affine=False)
+      mean  = running_mean    (0 when track_running_stats=False)
+      var   = running_var     (1 when track_running_stats=False; torch's, unbiased)
+      step  = num_batches_tracked                     (int32)
+      count = num_batches_tracked * batch_values      (or PORTED_COUNT)
+
+  ``count`` is the number of values per feature behind the statistics, which
+  torch does not store. Given ``batch_values`` (the values per feature in each
+  of torch's training batches: ``N`` for ``(N, C)`` input, ``N*H*W`` for
+  ``(N, C, H, W)``), it is that number, and ``momentum=None`` goes on
+  weighting batches as torch did. Without it the count is
+  :data:`PORTED_COUNT`, so that ``ema_warmup=True`` and ``momentum=None``
+  keep the ported statistics instead of replacing them with the first
+  batch's (a count of 0 would).
+
+  Use the result with the arguments of :func:`torch_settings`; torch's layout
+  is channel-first, so ``axis=1`` (or move the channels last first)::
+
+      params, state = jaxbn.from_torch(module)
+      kw = jaxbn.torch_settings(module).train_kwargs(state)
+      y, state = jaxbn.bn_train(params, state, x, axis=1, **kw)
+
+  Args:
+    source: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``, a model
+      containing one (with ``prefix``), or a state dict.
+    prefix: the layer's name in a whole model (``"layer1.0.bn1"``) or its
+      key prefix in a state dict (``"layer1.0.bn1."``).
+    batch_values: values per feature in each torch training batch (see above).
+
+  Returns:
+    ``(params, state)``.
+
+  Raises:
+    TypeError: ``source`` is neither a batch norm nor a mapping.
+    ValueError: a state dict without the layer's tensors; a lazy module not
+      initialized yet; ``num_batches_tracked`` beyond int32.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, torch
+    >>> import jaxbn
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> _ = bn(torch.arange(12.0).reshape(4, 3))  # one training step in torch
+    >>> params, state = jaxbn.from_torch(bn)
+    >>> [round(v, 4) for v in state.mean.tolist()], state.step  # 0.1 of the batch mean
+    ([0.45, 0.55, 0.65], Array(1, dtype=int32))
+    >>> x = torch.arange(6.0).reshape(2, 3)
+    >>> y = jaxbn.bn_infer(params, state, jnp.asarray(x.numpy()), epsilon=bn.eps)
+    >>> np.allclose(y, bn.eval()(x).detach().numpy(), rtol=1e-6)
+    True
+  """
+  fn = "from_torch"
+  t = _tensors(fn, source, prefix)
+  c = t.num_features
+  ref = next((v for v in t[:4] if v is not None), None)
+  dtype = jnp.dtype(_to_numpy(ref).dtype) if ref is not None else _default_dtype()
+  params = {} if t.weight is None else {"scale": _to_jax(t.weight), "bias": _to_jax(t.bias)}
+  sdtype = stats_dtype(dtype if t.running_mean is None else _to_numpy(t.running_mean).dtype)
+  if t.running_mean is None:
+    mean, var = jnp.zeros((c,), sdtype), jnp.ones((c,), sdtype)
+    steps = 0
+  else:
+    mean, var = _to_jax(t.running_mean, sdtype), _to_jax(t.running_var, sdtype)
+    steps = 0 if t.num_batches_tracked is None else int(_to_numpy(t.num_batches_tracked))
+  if not 0 <= steps < 2**31:
+    raise ValueError(f"{fn}: num_batches_tracked={steps} does not fit BNState.step (int32).")
+  if t.running_mean is None:
+    count = 0.0
+  elif batch_values is None:
+    count = PORTED_COUNT
+  else:
+    count = float(steps) * float(batch_values)
+  stats = {
+    "mean": mean,
+    "var": var,
+    "count": jnp.full((c,), count, sdtype),
+    "step": jnp.asarray(steps, jnp.int32),
+  }
+  # Without affine parameters, scale 1 and bias 0 in the tensors' dtype.
+  return BNLayer(param_dtype=dtype).from_entries(params, stats, fn=fn)
+
+
+def _default_dtype() -> Any:
+  return jnp.dtype(str(_torch().get_default_dtype()).removeprefix("torch."))
+
+
+# --------------------------------------------------------------------------
+# Batch norm: jaxbn -> torch
+
+
+def to_torch(params: BNParams, state: BNState | None, module: Any) -> Any:
+  """Writes ``(params, state)`` into a torch batch norm, in place.
+
+  The inverse of :func:`from_torch`: ``weight``, ``bias``, ``running_mean``,
+  ``running_var`` and ``num_batches_tracked`` (from ``state.step``) take the
+  values, converted to the module's dtypes and device; ``state.count`` has
+  no torch counterpart and is dropped; a ``state.step`` of ``None`` leaves
+  ``num_batches_tracked`` as it is. A module with
+  ``track_running_stats=False`` has no running statistics: ``state`` is
+  ignored. Pass ``state=None`` to write the parameters only.
+
+  Args:
+    params: :class:`jaxbn.BNParams` of shape ``(num_features,)``.
+    state: :class:`jaxbn.BNState` of the same shape, or ``None``.
+    module: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``.
+
+  Returns:
+    ``module``.
+
+  Raises:
+    TypeError: ``module`` is not a torch batch norm.
+    ValueError: the shapes differ from ``(num_features,)``; or the module has
+      ``affine=False`` and ``params`` are not exactly scale 1, bias 0 (torch
+      could not represent them).
+
+  Examples:
+    >>> import torch
+    >>> import jaxbn
+    >>> params, state = jaxbn.bn_init(2)
+    >>> bn = jaxbn.to_torch(params._replace(scale=params.scale * 3), state, torch.nn.BatchNorm1d(2))
+    >>> bn.weight
+    Parameter containing:
+    tensor([3., 3.], requires_grad=True)
+  """
+  fn = "to_torch"
+  torch = _torch()
+  _check_bn_module(fn, module)
+  c = int(module.num_features)
+  for name, a in (("params.scale", params.scale), ("params.bias", params.bias)) + (
+    () if state is None else (("state.mean", state.mean), ("state.var", state.var))
+  ):
+    if tuple(np.shape(a)) != (c,):
+      raise ValueError(
+        f"{fn}: {name} has shape {tuple(np.shape(a))}, but the module has {c} features."
+      )
+
+  def put(dst: Any, src: Any) -> None:
+    # No torch.from_numpy: JAX's host buffers are read-only and may be bfloat16.
+    a = np.asarray(jax.device_get(src))
+    if a.dtype == jnp.bfloat16:
+      a = a.astype(np.float32)  # exact; copy_ narrows back to the module's dtype
+    dst.copy_(torch.as_tensor(a.copy()))
+
+  with torch.no_grad():
+    if module.affine:
+      put(module.weight, params.scale)
+      put(module.bias, params.bias)
+    else:
+      scale, bias = np.asarray(params.scale), np.asarray(params.bias)
+      if not (np.all(scale == 1) and np.all(bias == 0)):
+        raise ValueError(
+          f"{fn}: the module has affine=False (scale 1, bias 0), but params are not; "
+          f"make it with affine=True, or keep scale and bias fixed when training."
+        )
+    if state is not None and module.track_running_stats:
+      put(module.running_mean, state.mean)
+      put(module.running_var, state.var)
+      if state.step is not None:
+        module.num_batches_tracked.fill_(int(np.asarray(state.step)))
+  return module
