@@ -190,8 +190,24 @@ class _FromOptions:
 FROM_OPTIONS: Any = _FromOptions()
 
 
-def _options(fn: str, options: Any, overrides: dict[str, Any]) -> BNOptions:
-  """``options`` (default :data:`DEFAULTS`) with the keywords given explicitly."""
+def merge_options(fn: str, options: Any, overrides: dict[str, Any]) -> BNOptions:
+  """``options`` (default :data:`DEFAULTS`) with the keywords given explicitly.
+
+  The one rule for options in jaxbn, :func:`bn_train`'s and every module's: a
+  keyword that is given wins over the same field of ``options``; a keyword
+  left at :data:`FROM_OPTIONS` (the default of every option keyword) takes the
+  field. ``overrides`` maps option names to the keywords' values.
+
+  Raises:
+    TypeError: ``options`` is not a :class:`BNOptions` or None.
+
+  Examples:
+    >>> from jaxbn.core import FROM_OPTIONS, BNOptions, merge_options
+    >>> given = {"momentum": FROM_OPTIONS, "epsilon": 1e-3}
+    >>> opts = merge_options("f", BNOptions(momentum=0.9), given)
+    >>> opts.momentum, opts.epsilon
+    (0.9, 0.001)
+  """
   if options is None:
     options = DEFAULTS
   elif not isinstance(options, BNOptions):
@@ -590,15 +606,16 @@ def _update_state(
   ema_warmup: bool = False,
   running_var: str = "biased",
 ) -> BNState:
-  """New running statistics after a batch with moments ``batch``.
+  """New running statistics after a batch with moments ``batch`` (see :func:`bn_update`).
 
+  Differentiable in ``batch``: :func:`bn_train` stops the gradient before it.
   A feature is updated only where the batch's statistics are finite (so a
   loop that skips non-finite steps recovers) and, for the moving average,
   where it had at least 2 values (one value has no variance: averaging its 0
   in would shrink ``var``). Otherwise it keeps its statistics.
   """
   sdt = state.mean.dtype
-  batch = jax.tree.map(lambda t: jax.lax.stop_gradient(t).astype(sdt), batch)
+  batch = jax.tree.map(lambda t: t.astype(sdt), batch)
   ddof = 1 if running_var == "unbiased" else 0
   finite = jnp.isfinite(batch.mean) & jnp.isfinite(batch.m2)
   if momentum is None:
@@ -828,7 +845,7 @@ def bn_train(
   # Every option as given (the sentinel FROM_OPTIONS where not), before any other local.
   given = {k: v for k, v in locals().items() if k in BNOptions._fields}
   fn = "bn_train"
-  opts = _options(fn, options, given)
+  opts = merge_options(fn, options, given)
   momentum, epsilon, axis, axis_name, axis_index_groups = opts[:5]
   ghost_batch_size, renorm, ema_warmup, running_var, accumulate_steps = opts[5:]
   x = _input(x)
@@ -867,9 +884,9 @@ def bn_train(
       f"variance is 0, every output is `bias`, and the running statistics are left "
       f"unchanged. To predict, use evaluation mode, which normalizes with the "
       f"running statistics: model.eval() in flax.nnx, use_running_average=True in "
-      f"flax.linen, bn_infer in the core. To train, use batches of at least 2 values "
-      f"per feature; for per-example calls under vmap, pass axis_name so that the "
-      f"statistics are those of the whole batch.",
+      f"flax.linen, eqx.nn.inference_mode in equinox, bn_infer in the core. To train, "
+      f"use batches of at least 2 values per feature; for per-example calls under vmap, "
+      f"pass axis_name so that the statistics are those of the whole batch.",
       SingleValueWarning,
       stacklevel=2,
     )
@@ -1030,7 +1047,7 @@ def bn_infer(
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 2.
   """
   fn = "bn_infer"
-  opts = _options(fn, options, {"epsilon": epsilon, "axis": axis})
+  opts = merge_options(fn, options, {"epsilon": epsilon, "axis": axis})
   epsilon, axis = opts.epsilon, opts.axis
   x = _input(x)
   feature_shape = _check_tree(fn, params, state)
@@ -1041,6 +1058,117 @@ def bn_infer(
   mean = state.mean.astype(cdt).reshape(lay.bshape)
   y = (x.astype(cdt) - mean) * a.reshape(lay.bshape) + params.bias.astype(cdt).reshape(lay.bshape)
   return y.astype(x.dtype)
+
+
+def bn_moments(
+  state: BNState,
+  x: Array,
+  options: BNOptions | None = None,
+  *,
+  mask: Array | None = None,
+  axis: Axis = FROM_OPTIONS,
+  axis_name: Any = FROM_OPTIONS,
+  axis_index_groups: Any = FROM_OPTIONS,
+) -> numerics.Moments:
+  """The batch statistics :func:`bn_train` would compute, differentiable, per feature.
+
+  ``(count, mean, m2)`` of ``x`` over every axis but the feature axes (and
+  over ``axis_name``), restricted to ``mask``, exact far from zero
+  (:func:`jaxbn.numerics.batch_moments`), with the state's feature shape.
+  With :func:`bn_update` and :func:`bn_infer` it composes variants that
+  normalize with something other than the batch's own statistics, e.g.
+  Equinox's ``mode="ema"``, which normalizes with the running statistics
+  just updated (:mod:`jaxbn.equinox`). Unlike :func:`bn_train`, gradients
+  flow into the returned moments.
+
+  Args:
+    state: the layer's :class:`BNState` (its shape and dtype are checked).
+    x: floating input, as :func:`bn_train`'s.
+    options: a :class:`BNOptions` (``axis``, ``axis_name`` and
+      ``axis_index_groups`` are read), or ``None`` for the defaults.
+    mask: boolean, as :func:`bn_train`'s.
+    axis: overrides ``options.axis``.
+    axis_name: overrides ``options.axis_name``.
+    axis_index_groups: overrides ``options.axis_index_groups``.
+
+  Returns:
+    :class:`jaxbn.numerics.Moments` of the feature shape, in the statistics dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbn
+    >>> from jaxbn import numerics
+    >>> _, state = jaxbn.bn_init(1)
+    >>> m = jaxbn.bn_moments(state, jnp.array([[1.0], [3.0]]))
+    >>> m.count.tolist(), m.mean.tolist(), numerics.variance(m).tolist()
+    ([2.0], [2.0], [1.0])
+  """
+  fn = "bn_moments"
+  given = {"axis": axis, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
+  opts = merge_options(fn, options, given)
+  x = _input(x)
+  feature_shape = _check_tree(fn, None, state)
+  lay = _layout(fn, x, opts.axis, feature_shape)
+  mask = None if mask is None else _check_mask(fn, mask, x)
+  groups = opts.axis_index_groups
+  groups = None if groups is None else tuple(tuple(g) for g in groups)
+  m = numerics.batch_moments(
+    x.astype(_compute_dtype(x, state)),
+    lay.reduction_axes,
+    mask=mask,
+    axis_name=opts.axis_name,
+    axis_index_groups=groups,
+  )
+  return numerics.Moments(*(t.reshape(feature_shape) for t in m))
+
+
+def bn_update(
+  state: BNState,
+  batch: numerics.Moments,
+  options: BNOptions | None = None,
+  *,
+  momentum: float | Array | None = FROM_OPTIONS,
+  ema_warmup: bool = FROM_OPTIONS,
+  running_var: str = FROM_OPTIONS,
+) -> BNState:
+  """The running statistics after a batch with moments ``batch``: :func:`bn_train`'s update.
+
+  ``mean <- momentum * mean + (1 - momentum) * batch mean`` (likewise ``var``;
+  ``momentum=None``: the exact cumulative statistics; ``ema_warmup``,
+  ``running_var``: as in :func:`bn_train`), ``count`` and ``step`` advanced.
+  A feature whose batch statistics are not finite, or (moving average) come
+  from fewer than 2 values, keeps its statistics. Differentiable in
+  ``batch``; ``momentum`` may be a traced array.
+
+  Args:
+    state: a :class:`BNState`.
+    batch: :class:`jaxbn.numerics.Moments` of the feature shape (e.g. from
+      :func:`bn_moments`).
+    options: a :class:`BNOptions` (``momentum``, ``ema_warmup`` and
+      ``running_var`` are read), or ``None`` for the defaults.
+    momentum: overrides ``options.momentum``.
+    ema_warmup: overrides ``options.ema_warmup``.
+    running_var: overrides ``options.running_var``.
+
+  Returns:
+    The new :class:`BNState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbn
+    >>> _, state = jaxbn.bn_init(1)
+    >>> m = jaxbn.bn_moments(state, jnp.array([[1.0], [3.0]]))
+    >>> new = jaxbn.bn_update(state, m, momentum=0.5)
+    >>> new.mean.tolist(), new.var.tolist(), int(new.step)  # 0.5 * (0, 1) + 0.5 * (2, 1)
+    ([1.0], [1.0], 1)
+  """
+  fn = "bn_update"
+  given = {"momentum": momentum, "ema_warmup": ema_warmup, "running_var": running_var}
+  opts = merge_options(fn, options, given)
+  _check_tree(fn, None, state)
+  _check_options(fn, opts.momentum, DEFAULTS.epsilon, opts.running_var)
+  plain = BNState(*state[:4])
+  return _update_state(plain, batch, opts.momentum, opts.ema_warmup, opts.running_var)
 
 
 # Exported (``jax.export``) functions that take or return params and state
