@@ -1,40 +1,40 @@
-"""One batch-norm layer: its options, shape and dtypes, and its variables in every form.
+"""One batch-norm layer: its options, shape and dtypes, and which entries it stores.
 
-A layer's variables take three forms: the core's ``(BNParams, BNState)``
-(:class:`jaxbn.BNAccState` when it accumulates micro-batches), a flax.linen
-variables dict::
+A :class:`BNLayer` describes one layer (options, feature shape, params dtype,
+which entries it stores) and converts between the core's ``(BNParams,
+BNState)`` (:class:`jaxbn.BNAccState` when it accumulates micro-batches) and
+entries by name, the form every framework stores. It knows no framework:
+each face reads and writes its framework's containers through it
+(:func:`jaxbn.linen.read_variables`, :func:`jaxbn.nnx.read_module`,
+:meth:`jaxbn.equinox.BatchNorm.read`, :func:`jaxbn.torch.from_torch`), so a
+new state entry is added to the core and here, nowhere else.
 
-    {'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var', ...}}
+**The stored-entries rule** (the one place it is stated; the faces point
+here). Entries by name, the same in a linen dict, on an nnx module and in an
+equinox state:
 
-and the attributes of an nnx module (``mean``, ``var``, ... as
-``nnx.BatchStat``; ``scale``, ``bias`` as ``nnx.Param``). A :class:`BNLayer`
-describes one layer (options, feature shape, params dtype, which entries it
-stores) and converts between the forms; the flax modules, their population
-statistics, the folds and the PyTorch port all go through it, so a new state
-entry is added to the core and here, nowhere else.
+- ``scale`` and ``bias`` unless ``use_scale`` / ``use_bias`` is False;
+- ``mean`` and ``var`` always (flax's tree);
+- ``count`` with ``momentum=None`` or ``ema_warmup=True``;
+- ``step`` with a renorm schedule or ``accumulate_steps > 1``;
+- ``acc_count``, ``acc_mean``, ``acc_m2`` with ``accumulate_steps > 1``.
 
-Entries stored, by name (the same in a linen dict and on an nnx module):
-``scale`` and ``bias`` unless ``use_scale`` / ``use_bias`` is False;
-``mean`` and ``var`` always (flax's tree); ``count`` with ``momentum=None``
-or ``ema_warmup=True``; ``step`` with a renorm schedule or
-``accumulate_steps > 1``; ``acc_count``, ``acc_mean``, ``acc_m2`` with
-``accumulate_steps > 1``. Reading fills an entry a layer does not store as
-:func:`jaxbn.bn_init` would, so flax's own BatchNorm variables (no ``count``,
-no ``step``) read as a full state.
+Reading fills an entry a layer does not store as :func:`jaxbn.bn_init`
+would, so flax's own BatchNorm variables (no ``count``, no ``step``) read as
+a full state.
 
 Examples:
   >>> import jax.numpy as jnp
   >>> import jaxbn
   >>> from jaxbn.layer import BNLayer
-  >>> flax_vars = {'params': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)},
-  ...              'batch_stats': {'mean': jnp.array([1.0, 2.0]), 'var': jnp.array([4.0, 1.0])}}
-  >>> params, state = BNLayer().read_linen(flax_vars)
+  >>> stats = {'mean': jnp.array([1.0, 2.0]), 'var': jnp.array([4.0, 1.0])}
+  >>> params, state = BNLayer().from_entries({}, stats)
   >>> state.count, state.step
   (Array([0., 0.], dtype=float32), Array(0, dtype=int32))
   >>> jaxbn.bn_infer(params, state, jnp.array([[3.0, 2.0]])).round(4)
   Array([[1., 0.]], dtype=float32)
   >>> layer = BNLayer((2,), jaxbn.BNOptions(momentum=None))
-  >>> sorted(layer.write_linen(params, state)['batch_stats'])
+  >>> sorted(layer.entries(None, state))
   ['count', 'mean', 'var']
 """
 
@@ -61,9 +61,10 @@ from jaxbn.core import StateMismatchError
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
+from jaxbn.core import merge_options
 from jaxbn.numerics import stats_dtype
 
-__all__ = ("PARAM_NAMES", "STAT_NAMES", "BNLayer", "input_feature_shape", "merge_options")
+__all__ = ("PARAM_NAMES", "STAT_NAMES", "BNLayer", "input_feature_shape")
 
 PARAM_NAMES: tuple[str, ...] = BNParams._fields
 """Every params entry a layer can store."""
@@ -71,43 +72,6 @@ PARAM_NAMES: tuple[str, ...] = BNParams._fields
 _ACC = tuple(f"acc_{name}" for name in numerics.Moments._fields)
 STAT_NAMES: tuple[str, ...] = (*BNState._fields, *_ACC)
 """Every statistics entry a layer can store (``'batch_stats'`` in linen)."""
-
-
-def merge_options(fn: str, options: BNOptions | None, attributes: Mapping[str, Any]) -> BNOptions:
-  """A module's options from its ``options`` and its flax-style keyword attributes.
-
-  Without ``options`` the attributes are the options (an absent one takes
-  :data:`jaxbn.core.DEFAULTS`'). With ``options``, an attribute left at its
-  default defers to it, and one set to another value must agree with it:
-  each option is given once.
-
-  Raises:
-    TypeError: ``options`` is not a :class:`jaxbn.BNOptions`.
-    ValueError: an attribute and ``options`` disagree.
-  """
-  if options is None:
-    return DEFAULTS._replace(**{k: v for k, v in attributes.items() if k in BNOptions._fields})
-  if not isinstance(options, BNOptions):
-    raise TypeError(f"{fn}: options must be a jaxbn.BNOptions or None, got {type(options)}.")
-  for name, value in attributes.items():
-    if name not in BNOptions._fields:
-      continue
-    ours = getattr(options, name)
-    if not _same(value, getattr(DEFAULTS, name)) and not _same(value, ours):
-      raise ValueError(
-        f"{fn}: {name}={value!r} disagrees with options.{name}={ours!r}; give each option "
-        f"once, in options or as a keyword."
-      )
-  return options
-
-
-def _same(a: Any, b: Any) -> bool:
-  if a is b:
-    return True
-  try:
-    return bool(a == b)
-  except Exception:  # arrays of several values, or types that do not compare
-    return False
 
 
 def input_feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:
@@ -293,102 +257,6 @@ class BNLayer:
     return BNParams(**p), state
 
   # ------------------------------------------------------------------
-  # flax.linen variables
-
-  def read_linen(self, variables: Mapping[str, Any]) -> tuple[BNParams, BNState | BNAccState]:
-    """``(params, state)`` of one linen layer's variables.
-
-    ``variables`` is ``{'params': {...}, 'batch_stats': {...}}`` (of
-    :class:`jaxbn.linen.BatchNorm` or ``flax.linen.BatchNorm``) or a bare
-    ``batch_stats`` dict (``{'mean', 'var', ...}``; params then 1 and 0).
-    Entries the variables lack are filled as :func:`jaxbn.bn_init` would.
-    """
-    fn = "BNLayer.read_linen"
-    if not isinstance(variables, Mapping):
-      raise TypeError(f"{fn}: variables must be a dict, got {type(variables).__name__}.")
-    if "batch_stats" in variables:
-      return self.from_entries(variables.get("params", {}), variables["batch_stats"], fn=fn)
-    if "mean" in variables:
-      return self.from_entries({}, variables, fn=fn)
-    raise ValueError(
-      f"{fn}: variables must be {{'params': ..., 'batch_stats': ...}} of one layer or its "
-      f"'batch_stats' ({{'mean', 'var', ...}}), got keys {sorted(variables)}."
-    )
-
-  def write_linen(self, params: BNParams, state: BNState) -> dict[str, dict[str, Any]]:
-    """The linen variables this layer stores: ``{'params': ..., 'batch_stats': ...}``."""
-    stored = self.entries(params, state)
-    return {
-      "params": {k: v for k, v in stored.items() if k in PARAM_NAMES},
-      "batch_stats": {k: v for k, v in stored.items() if k in STAT_NAMES},
-    }
-
-  def apply_linen(
-    self, module: Any, x: jax.Array, *, use_running_average: bool, mask: jax.Array | None = None
-  ) -> jax.Array:
-    """A linen batch-norm module's ``__call__``: declares its variables and normalizes ``x``.
-
-    ``module`` declares ``scale`` / ``bias`` (with its ``scale_init`` /
-    ``bias_init``) and the statistics this layer stores, and keeps the new
-    statistics in training when ``'batch_stats'`` is mutable. While it
-    initializes, see :meth:`normalize`.
-    """
-    _, s0 = self.init()
-    params = {
-      k: module.param(k, getattr(module, f"{k}_init"), self.feature_shape, self.param_dtype)
-      for k in self.param_names
-    }
-    stats = {
-      k: module.variable("batch_stats", k, lambda v=v: v) for k, v in self.entries(None, s0).items()
-    }
-    p, s = self.from_entries(params, {k: v.value for k, v in stats.items()})
-    path = "/".join(module.path) or "(top level)"
-    y, new = self.normalize(
-      p,
-      s,
-      x,
-      use_running_average=use_running_average,
-      mask=mask,
-      initializing=module.is_initializing(),
-      where=f"{type(module).__module__}.{type(module).__qualname__} at {path!r}",
-    )
-    if new is not None:
-      for k, v in self.entries(None, new).items():
-        stats[k].value = v
-    return y
-
-  # ------------------------------------------------------------------
-  # flax.nnx modules
-
-  def read_nnx(self, module: Any) -> tuple[BNParams, BNState | BNAccState]:
-    """``(params, state)`` of an nnx batch norm (:class:`jaxbn.nnx.BatchNorm` or flax's).
-
-    Entries the module does not hold are filled as :func:`jaxbn.bn_init` would.
-    """
-    return self.from_entries(
-      _nnx_values(module, PARAM_NAMES), _nnx_values(module, STAT_NAMES), fn="BNLayer.read_nnx"
-    )
-
-  def write_nnx(self, module: Any, params: BNParams | None, state: BNState | None) -> Any:
-    """Writes ``params`` and ``state`` into an nnx batch norm, in place.
-
-    Every entry the module holds is written (it must hold those this layer
-    stores); ``params`` or ``state`` may be ``None`` (left as they are).
-    Returns ``module``.
-    """
-    stored = self.entries(params, state)
-    for k, v in self._all_entries(params, state).items():
-      var = getattr(module, k, None)
-      if var is not None:
-        var.set_value(v)
-      elif k in stored:
-        raise ValueError(
-          f"BNLayer.write_nnx: the layer stores {k!r}, but {type(module).__qualname__} has no "
-          f"such variable; make the module with the same options."
-        )
-    return module
-
-  # ------------------------------------------------------------------
   # Normalization
 
   def normalize(
@@ -426,13 +294,3 @@ class BNLayer:
       if where is None:
         raise
       raise StateMismatchError(f"{where}: {e}") from None
-
-
-def _nnx_values(module: Any, names: Sequence[str]) -> dict[str, Any]:
-  """The values of the nnx variables ``names`` that ``module`` holds."""
-  out = {}
-  for k in names:
-    var = getattr(module, k, None)
-    if var is not None:
-      out[k] = var[...]
-  return out

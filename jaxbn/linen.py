@@ -7,9 +7,15 @@ Change one import and a flax model uses jaxbn::
 
 The constructor, the ``__call__`` signature and the variable tree are flax's,
 so variables made by ``flax.linen.BatchNorm`` load unchanged, and the
-reverse. The module is a thin shell: its :class:`jaxbn.layer.BNLayer`
-declares the variables and calls :func:`jaxbn.bn_train` (batch statistics) or
-:func:`jaxbn.bn_infer` (running statistics).
+reverse. The module is a thin shell: it declares the variables its
+:class:`jaxbn.layer.BNLayer` stores and calls :func:`jaxbn.bn_train` (batch
+statistics) or :func:`jaxbn.bn_infer` (running statistics).
+
+Everything jaxbn does for linen lives here: the module, one layer's
+variables as the core's ``(params, state)`` and back
+(:func:`read_variables`, :func:`write_variables`), population statistics
+of a model (:func:`linen_population_stats`) and folding a model's batch
+norms into the layers before them (:func:`fold_linen`).
 
 References:
   Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167.
@@ -17,7 +23,9 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,15 +35,29 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.linen import initializers
 
-from jaxbn.core import DEFAULTS
+from jaxbn.core import FROM_OPTIONS
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
+from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.folding import FoldTrace
+from jaxbn.folding import fold_bn
+from jaxbn.folding import qualified_name
+from jaxbn.layer import PARAM_NAMES
+from jaxbn.layer import STAT_NAMES
 from jaxbn.layer import BNLayer
 from jaxbn.population import axis_bound
 from jaxbn.population import population_stats
 
-__all__ = ("BatchNorm", "linen_population_stats")
+__all__ = (
+  "BatchNorm",
+  "FoldedLinen",
+  "fold_linen",
+  "linen_population_stats",
+  "read_variables",
+  "write_variables",
+)
 
 
 class BatchNorm(nn.Module):
@@ -87,9 +109,12 @@ class BatchNorm(nn.Module):
 
   The batch-norm options come either as flax-style attributes (``momentum``,
   ``epsilon``, ``axis``, ...) or as one :class:`jaxbn.BNOptions` in
-  ``options`` (as :mod:`jaxbn.models` passes them); with ``options``, an
-  option attribute left at its default defers to it, and one set otherwise
-  must agree with it (else a ``ValueError`` at the first call).
+  ``options`` (as :mod:`jaxbn.models` passes them), by :func:`jaxbn.bn_train`'s
+  rule: an option attribute that is given wins over the same field of
+  ``options``; one not given (its default, ``jaxbn.core.FROM_OPTIONS``)
+  takes the field, or :class:`jaxbn.BNOptions`' default. The formula and
+  each option's meaning are :func:`jaxbn.bn_train`'s; the variables stored
+  follow :mod:`jaxbn.layer`'s rule.
 
   Attributes:
     use_running_average: normalize with the stored statistics (evaluation)
@@ -144,24 +169,24 @@ class BatchNorm(nn.Module):
   """
 
   use_running_average: bool | None = None
-  axis: int | Sequence[int] = DEFAULTS.axis
-  momentum: float | None = DEFAULTS.momentum
-  epsilon: float = DEFAULTS.epsilon
+  axis: int | Sequence[int] = FROM_OPTIONS
+  momentum: float | None = FROM_OPTIONS
+  epsilon: float = FROM_OPTIONS
   dtype: Any = None
   param_dtype: Any = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Any = initializers.zeros
   scale_init: Any = initializers.ones
-  axis_name: Any = DEFAULTS.axis_name
-  axis_index_groups: Any = DEFAULTS.axis_index_groups
+  axis_name: Any = FROM_OPTIONS
+  axis_index_groups: Any = FROM_OPTIONS
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
-  ghost_batch_size: int | None = DEFAULTS.ghost_batch_size
-  renorm: Renorm | None = DEFAULTS.renorm
-  ema_warmup: bool = DEFAULTS.ema_warmup
-  running_var: str = DEFAULTS.running_var
-  accumulate_steps: int = DEFAULTS.accumulate_steps
+  ghost_batch_size: int | None = FROM_OPTIONS
+  renorm: Renorm | None = FROM_OPTIONS
+  ema_warmup: bool = FROM_OPTIONS
+  running_var: str = FROM_OPTIONS
+  accumulate_steps: int = FROM_OPTIONS
   options: BNOptions | None = None
 
   @nn.compact
@@ -182,10 +207,109 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
       "use_running_average", self.use_running_average, use_running_average
     )
-    y = BNLayer.of(self, x=x).apply_linen(
-      self, x, use_running_average=use_running_average, mask=mask
+    y = _declare_and_normalize(
+      BNLayer.of(self, x=x), self, x, use_running_average=use_running_average, mask=mask
     )
     return y if self.dtype is None else y.astype(self.dtype)
+
+
+def _declare_and_normalize(
+  layer: BNLayer, module: Any, x: jax.Array, *, use_running_average: bool, mask: Any
+) -> jax.Array:
+  """The module's call: declares the variables ``layer`` stores and normalizes ``x``.
+
+  ``module`` declares ``scale`` / ``bias`` (with its ``scale_init`` /
+  ``bias_init``) and the statistics, and keeps the new statistics in training
+  when ``'batch_stats'`` is mutable. While it initializes, see
+  :meth:`jaxbn.layer.BNLayer.normalize`.
+  """
+  _, s0 = layer.init()
+  params = {
+    k: module.param(k, getattr(module, f"{k}_init"), layer.feature_shape, layer.param_dtype)
+    for k in layer.param_names
+  }
+  stats = {
+    k: module.variable("batch_stats", k, lambda v=v: v) for k, v in layer.entries(None, s0).items()
+  }
+  p, s = layer.from_entries(params, {k: v.value for k, v in stats.items()})
+  path = "/".join(module.path) or "(top level)"
+  y, new = layer.normalize(
+    p,
+    s,
+    x,
+    use_running_average=use_running_average,
+    mask=mask,
+    initializing=module.is_initializing(),
+    where=f"{type(module).__module__}.{type(module).__qualname__} at {path!r}",
+  )
+  if new is not None:
+    for k, v in layer.entries(None, new).items():
+      stats[k].value = v
+  return y
+
+
+# --------------------------------------------------------------------------
+# One layer's variables
+
+
+def read_variables(
+  variables: Mapping[str, Any], layer: BNLayer | None = None
+) -> tuple[BNParams, BNState | BNAccState]:
+  """``(params, state)`` of the core from one linen batch-norm layer's variables.
+
+  Args:
+    variables: ``{'params': {...}, 'batch_stats': {...}}`` of
+      :class:`BatchNorm` or ``flax.linen.BatchNorm``, or a bare
+      ``batch_stats`` dict (``{'mean', 'var', ...}``; params then 1 and 0).
+    layer: the layer's :class:`jaxbn.layer.BNLayer` (its options say which
+      entries it stores); default ``BNLayer()``.
+
+  Returns:
+    ``(params, state)``; entries the variables lack are filled as
+    :func:`jaxbn.bn_init` would (see :mod:`jaxbn.layer`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbn
+    >>> from jaxbn.linen import read_variables, write_variables
+    >>> flax_vars = {'params': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)},
+    ...              'batch_stats': {'mean': jnp.array([1.0, 2.0]), 'var': jnp.array([4.0, 1.0])}}
+    >>> params, state = read_variables(flax_vars)
+    >>> state.count, state.step
+    (Array([0., 0.], dtype=float32), Array(0, dtype=int32))
+    >>> layer = jaxbn.BNLayer((2,), jaxbn.BNOptions(momentum=None))
+    >>> sorted(write_variables(params, state, layer)['batch_stats'])
+    ['count', 'mean', 'var']
+  """
+  fn = "jaxbn.linen.read_variables"
+  layer = BNLayer() if layer is None else layer
+  if not isinstance(variables, Mapping):
+    raise TypeError(f"{fn}: variables must be a dict, got {type(variables).__name__}.")
+  if "batch_stats" in variables:
+    return layer.from_entries(variables.get("params", {}), variables["batch_stats"], fn=fn)
+  if "mean" in variables:
+    return layer.from_entries({}, variables, fn=fn)
+  raise ValueError(
+    f"{fn}: variables must be {{'params': ..., 'batch_stats': ...}} of one layer or its "
+    f"'batch_stats' ({{'mean', 'var', ...}}), got keys {sorted(variables)}."
+  )
+
+
+def write_variables(
+  params: BNParams, state: BNState, layer: BNLayer | None = None
+) -> dict[str, dict[str, Any]]:
+  """The linen variables ``{'params': ..., 'batch_stats': ...}`` that ``layer`` stores.
+
+  Args:
+    params: :class:`jaxbn.BNParams`.
+    state: :class:`jaxbn.BNState` (or :class:`jaxbn.BNAccState`).
+    layer: the layer's :class:`jaxbn.layer.BNLayer`; default ``BNLayer()``.
+  """
+  stored = (BNLayer() if layer is None else layer).entries(params, state)
+  return {
+    "params": {k: v for k, v in stored.items() if k in PARAM_NAMES},
+    "batch_stats": {k: v for k, v in stored.items() if k in STAT_NAMES},
+  }
 
 
 # --------------------------------------------------------------------------
@@ -267,7 +391,7 @@ def linen_population_stats(
   batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
   layers = _stats_paths(fn, batch_stats)
   # The running statistics alone: population_stats updates each once per batch.
-  states = {"/".join(p): BNLayer().read_linen(e)[1] for p, e in layers.items()}
+  states = {"/".join(p): read_variables(e)[1] for p, e in layers.items()}
 
   def forward(variables, states, x, **bn_kwargs):
     new: dict[str, BNState] = {}
@@ -321,3 +445,194 @@ def linen_population_stats(
   out = dict(variables)
   out["batch_stats"] = traverse_util.unflatten_dict(full)
   return out
+
+
+# --------------------------------------------------------------------------
+# Folding
+
+
+_BATCH_NORMS = (BatchNorm, nn.BatchNorm)
+_LINEAR = (nn.Dense, nn.Conv)
+
+
+def _traced_pairs(fn: str, model: Any, variables: Any, args: tuple, kwargs: dict):
+  """``(linear, batch norm)`` paths of every batch norm in a call of ``model``.
+
+  Traces ``model.apply(variables, *args, **kwargs)`` (shapes only) and
+  follows the data: a batch norm folds when its input is the very output of
+  a ``Dense`` or ``Conv`` call.
+  """
+  trace = FoldTrace("Dense or Conv")
+
+  def intercept(next_fun, a, kw, context):
+    mod = context.module
+    if context.method_name != "__call__":
+      return next_fun(*a, **kw)
+    path = "/".join(mod.path)
+    if isinstance(mod, _BATCH_NORMS):
+      trace.batch_norm(path, mod, a[0] if a else kw.get("x"), BNLayer.of(mod).options.axis)
+    out = next_fun(*a, **kw)
+    trace.called(path, mod, out, linear=isinstance(mod, _LINEAR))
+    return out
+
+  with nn.intercept_methods(intercept):
+    jax.eval_shape(lambda v, *a: model.apply(v, *a, **kwargs), variables, *args)
+  pairs = trace.result(fn, model)
+  return [(linear, bn, BNLayer.of(mod)) for bn, (linear, mod) in pairs.items()]
+
+
+def _fold_variables(fn: str, variables: Any, pairs: list[tuple[str, str, BNLayer]]) -> dict:
+  """``variables`` with each batch norm folded into its linear layer and removed."""
+  flat = {
+    col: traverse_util.flatten_dict(dict(tree), sep="/") for col, tree in dict(variables).items()
+  }
+  params, stats = flat.get("params", {}), flat.get("batch_stats", {})
+  for linear, bn, layer in pairs:
+
+    def entries(col, prefix):
+      return {k[len(prefix) + 1 :]: v for k, v in col.items() if k.startswith(prefix + "/")}
+
+    lin, bn_p, bn_s = entries(params, linear), entries(params, bn), entries(stats, bn)
+    if "kernel" not in lin or not bn_s:
+      raise ValueError(
+        f"{fn}: variables lack {linear!r} in 'params' or {bn!r} in 'batch_stats'; were they "
+        f"made by this model's init?"
+      )
+    p, s = read_variables({"params": bn_p, "batch_stats": bn_s}, layer)
+    kernel, bias = fold_bn(lin["kernel"], lin.get("bias"), p, s, epsilon=layer.options.epsilon)
+    params[f"{linear}/kernel"], params[f"{linear}/bias"] = kernel, bias
+    for col in (params, stats):
+      for k in [k for k in col if k.startswith(bn + "/")]:
+        del col[k]
+  return {col: traverse_util.unflatten_dict(tree, sep="/") for col, tree in flat.items() if tree}
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedLinen:
+  """A linen model whose batch norms are folded into the layers before them.
+
+  ``apply(variables, *args, **kwargs)`` runs ``model.apply`` with every
+  folded batch norm skipped and each layer it followed adding its folded
+  bias (made by :func:`fold_linen`, with its variables).
+
+  Attributes:
+    model: the original model.
+    pairs: ``(linear path, batch-norm path)`` of every fold.
+  """
+
+  model: Any
+  pairs: tuple[tuple[str, str], ...]
+
+  def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.apply(variables, *args, **kwargs)`` without the folded batch norms."""
+    linear = {lin for lin, _ in self.pairs}
+    bns = {bn for _, bn in self.pairs}
+
+    def intercept(next_fun, a, kw, context):
+      mod = context.module
+      path = "/".join(mod.path)
+      if context.method_name != "__call__" or (path not in bns and path not in linear):
+        return next_fun(*a, **kw)
+      if path in bns:
+        x = a[0] if a else kw["x"]
+        return x if getattr(mod, "dtype", None) is None else x.astype(mod.dtype)
+      y = next_fun(*a, **kw)
+      if mod.use_bias:  # the layer adds the folded bias itself
+        return y
+      bias = mod.get_variable("params", "bias").astype(y.dtype)
+      return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+
+    with nn.intercept_methods(intercept):
+      return self.model.apply(variables, *args, **kwargs)
+
+
+def fold_linen(model: Any, variables: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+  """Folds every batch norm of a linen model into the Dense or Conv before it.
+
+  Each batch norm (:class:`jaxbn.linen.BatchNorm` or ``flax.linen.BatchNorm``)
+  whose input is the output of a ``Dense`` or ``Conv`` becomes that layer's
+  bias, by :func:`jaxbn.fold_bn` with the batch norm's own ``epsilon``; its
+  variables leave the tree. The folded model's evaluation output equals the
+  original's.
+
+  A model that knows its pairs needs no example call: one with methods
+  ``fold_pairs()`` (``(linear path, batch-norm path, BNOptions)`` of each
+  fold, e.g. ``('Dense_0', 'BatchNorm_0', options)``) and
+  ``without_batch_norm()`` (the same model without them), as
+  :class:`jaxbn.models.MLP` and :class:`jaxbn.models.CNN` have, folds into
+  the latter. Any other model needs an example call,
+  ``fold_linen(model, variables, x, train=False)`` (the arguments after
+  ``variables`` of its ``apply``, in evaluation mode; only shapes are used):
+  the call is traced to find which layer each batch norm follows, and the
+  folded model is a :class:`FoldedLinen`, whose ``apply`` runs the model with
+  those batch norms skipped. A batch norm that does not directly follow a
+  ``Dense`` or ``Conv`` (an activation between them, say) or normalizes
+  another axis than the layer's output features is an error naming it. The
+  layer's output must feed only the batch norm (as in ``Dense -> BatchNorm
+  -> activation``), which the trace does not check.
+
+  Args:
+    model: a linen model.
+    variables: its ``'params'`` and ``'batch_stats'`` (running or population
+      statistics).
+    *args: an example call's arguments (not needed for a model with ``fold_pairs``).
+    **kwargs: its keyword arguments (e.g. ``train=False``).
+
+  Returns:
+    ``(folded_model, folded_variables)``.
+
+  Raises:
+    TypeError: a model without ``fold_pairs`` and without an example call.
+    ValueError: a batch norm that cannot be folded (named with its path and
+      class), no batch norm, or variables that do not match the model.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxbn
+    >>> from jaxbn.models import MLP
+    >>> model = MLP(features=(8,), num_classes=3)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 5))
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> folded, folded_vars = jaxbn.fold_linen(model, variables)
+    >>> folded.use_bn, sorted(folded_vars['params']['Dense_0'])
+    (False, ['bias', 'kernel'])
+    >>> want = model.apply(variables, x, train=False)
+    >>> bool(jnp.allclose(folded.apply(folded_vars, x, train=False), want, atol=1e-5))
+    True
+
+    A model of one's own, with flax's batch norm:
+
+    >>> import flax.linen as nn
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.Dense(8, use_bias=False)(x)
+    ...     x = nn.BatchNorm(use_running_average=not train)(x)
+    ...     return nn.Dense(3)(nn.relu(x))
+    >>> net = Net()
+    >>> variables = net.init(jax.random.key(1), x, train=False)
+    >>> folded, folded_vars = jaxbn.fold_linen(net, variables, x, train=False)
+    >>> sorted(folded_vars)
+    ['params']
+    >>> want = net.apply(variables, x, train=False)
+    >>> bool(jnp.allclose(folded.apply(folded_vars, x, train=False), want, atol=1e-5))
+    True
+  """
+  fn = "fold_linen"
+  own = hasattr(model, "fold_pairs") and hasattr(model, "without_batch_norm")
+  if own and not args and not kwargs:
+    pairs = [(lin, bn, BNLayer(options=opts)) for lin, bn, opts in model.fold_pairs()]
+    if not pairs:
+      raise ValueError(f"{fn}: {qualified_name(model)} has no batch norm; nothing to fold.")
+  elif not args and not kwargs:
+    raise TypeError(
+      f"{fn}: {qualified_name(model)} has no fold_pairs(); pass an example call after the "
+      f"variables, fold_linen(model, variables, x, train=False), so that the layer each batch "
+      f"norm follows can be traced."
+    )
+  else:
+    pairs = _traced_pairs(fn, model, variables, args, kwargs)
+  folded = _fold_variables(fn, variables, pairs)
+  if own and not args and not kwargs:
+    return model.without_batch_norm(), {"params": folded["params"]}
+  return FoldedLinen(model, tuple((lin, bn) for lin, bn, _ in pairs)), folded

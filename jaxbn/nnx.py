@@ -2,9 +2,14 @@
 
 Same constructor, same variables (``mean`` and ``var`` as ``nnx.BatchStat``,
 ``scale`` and ``bias`` as ``nnx.Param``), same ``.train()`` / ``.eval()`` and
-``nnx.view(model, use_running_average=...)``. The module's
-:class:`jaxbn.layer.BNLayer` reads its variables, calls :func:`jaxbn.bn_train`
-or :func:`jaxbn.bn_infer` and writes the new statistics back.
+``nnx.view(model, use_running_average=...)``. The module reads its variables
+(:func:`read_module`), calls :func:`jaxbn.bn_train` or :func:`jaxbn.bn_infer`
+and writes the new statistics back (:func:`write_module`).
+
+Everything jaxbn does for nnx lives here: the module, one layer's variables
+as the core's ``(params, state)`` and back, population statistics of a
+model (:func:`nnx_population_stats`) and folding a model's batch norms into
+the layers before them (:func:`fold_nnx`).
 
 References:
   Ioffe & Szegedy, "Batch Normalization", ICML 2015, arXiv:1502.03167.
@@ -25,16 +30,30 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 from flax.nnx.nn import initializers
 
-from jaxbn.core import DEFAULTS
+from jaxbn.core import FROM_OPTIONS
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
+from jaxbn.core import BNParams
+from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.core import merge_options
+from jaxbn.folding import FoldTrace
+from jaxbn.folding import fold_bn
+from jaxbn.folding import qualified_name
+from jaxbn.layer import PARAM_NAMES
 from jaxbn.layer import STAT_NAMES
 from jaxbn.layer import BNLayer
-from jaxbn.layer import merge_options
 from jaxbn.population import axis_bound
 from jaxbn.population import population_stats
 
-__all__ = ("BatchNorm", "nnx_population_stats")
+__all__ = (
+  "BatchNorm",
+  "FoldedBatchNorm",
+  "fold_nnx",
+  "nnx_population_stats",
+  "read_module",
+  "write_module",
+)
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -68,10 +87,11 @@ class BatchNorm(nnx.Module):
   the input's dtype.
 
   The batch-norm options come as flax-style keywords or as one
-  :class:`jaxbn.BNOptions` (``options``); with ``options``, a keyword left
-  at its default defers to it, and one given otherwise must agree with it.
-  Either way the module's attributes (``momentum``, ``epsilon``, ...) hold the
-  options it uses.
+  :class:`jaxbn.BNOptions` (``options``), by :func:`jaxbn.bn_train`'s rule: a
+  keyword that is given wins over the same field of ``options``. Either way
+  the module's attributes (``momentum``, ``epsilon``, ...) hold the options
+  it uses. The formula and each option's meaning are :func:`jaxbn.bn_train`'s;
+  the variables stored follow :mod:`jaxbn.layer`'s rule.
 
   Args:
     num_features: size of the feature axis (a tuple for several axes).
@@ -129,27 +149,27 @@ class BatchNorm(nnx.Module):
     num_features: int | Sequence[int],
     *,
     use_running_average: bool | None = False,
-    axis: int | Sequence[int] = DEFAULTS.axis,
-    momentum: float | None = DEFAULTS.momentum,
-    epsilon: float = DEFAULTS.epsilon,
+    axis: int | Sequence[int] = FROM_OPTIONS,
+    momentum: float | None = FROM_OPTIONS,
+    epsilon: float = FROM_OPTIONS,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     use_bias: bool = True,
     use_scale: bool = True,
     bias_init: Any = _ZEROS,
     scale_init: Any = _ONES,
-    axis_name: Any = DEFAULTS.axis_name,
-    axis_index_groups: Any = DEFAULTS.axis_index_groups,
+    axis_name: Any = FROM_OPTIONS,
+    axis_index_groups: Any = FROM_OPTIONS,
     use_fast_variance: bool = True,
     promote_dtype: Any = dtypes.promote_dtype,
     rngs: nnx.Rngs,
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-    ghost_batch_size: int | None = DEFAULTS.ghost_batch_size,
-    renorm: Renorm | None = DEFAULTS.renorm,
-    ema_warmup: bool = DEFAULTS.ema_warmup,
-    running_var: str = DEFAULTS.running_var,
-    accumulate_steps: int = DEFAULTS.accumulate_steps,
+    ghost_batch_size: int | None = FROM_OPTIONS,
+    renorm: Renorm | None = FROM_OPTIONS,
+    ema_warmup: bool = FROM_OPTIONS,
+    running_var: str = FROM_OPTIONS,
+    accumulate_steps: int = FROM_OPTIONS,
     options: BNOptions | None = None,
   ):
     given = {k: v for k, v in locals().items() if k in BNOptions._fields}  # first, as given
@@ -214,7 +234,7 @@ class BatchNorm(nnx.Module):
       ),
     )
     layer = BNLayer.of(self)
-    params, state = layer.read_nnx(self)
+    params, state = read_module(self, layer)
     y, new = layer.normalize(
       params,
       state,
@@ -224,7 +244,7 @@ class BatchNorm(nnx.Module):
       where=f"jaxbn.nnx.BatchNorm of feature shape {self.feature_shape}",
     )
     if new is not None:
-      layer.write_nnx(self, None, new)
+      write_module(self, None, new, layer)
     return y if self.dtype is None else y.astype(self.dtype)
 
   def set_view(self, use_running_average: bool | None = None):
@@ -236,6 +256,72 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------
+# One layer's variables
+
+
+def read_module(module: Any, layer: BNLayer | None = None) -> tuple[BNParams, BNState | BNAccState]:
+  """``(params, state)`` of the core from an nnx batch norm (:class:`BatchNorm` or flax's).
+
+  Args:
+    module: a :class:`BatchNorm` or ``flax.nnx.BatchNorm``.
+    layer: its :class:`jaxbn.layer.BNLayer`; default ``BNLayer.of(module)``.
+
+  Returns:
+    ``(params, state)``; entries the module does not hold are filled as
+    :func:`jaxbn.bn_init` would (see :mod:`jaxbn.layer`).
+
+  Examples:
+    >>> from flax import nnx
+    >>> from jaxbn.nnx import read_module
+    >>> params, state = read_module(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    >>> state.var.tolist(), int(state.step)
+    ([1.0, 1.0, 1.0], 0)
+  """
+  layer = BNLayer.of(module) if layer is None else layer
+  return layer.from_entries(
+    _values(module, PARAM_NAMES), _values(module, STAT_NAMES), fn="jaxbn.nnx.read_module"
+  )
+
+
+def write_module(
+  module: Any, params: BNParams | None, state: BNState | None, layer: BNLayer | None = None
+) -> Any:
+  """Writes ``params`` and ``state`` into an nnx batch norm, in place; returns ``module``.
+
+  Every entry the module holds is written (it must hold those ``layer``
+  stores); ``params`` or ``state`` may be ``None`` (left as they are).
+
+  Args:
+    module: a :class:`BatchNorm` or ``flax.nnx.BatchNorm``.
+    params: :class:`jaxbn.BNParams` or None.
+    state: :class:`jaxbn.BNState` (or :class:`jaxbn.BNAccState`) or None.
+    layer: its :class:`jaxbn.layer.BNLayer`; default ``BNLayer.of(module)``.
+  """
+  layer = BNLayer.of(module) if layer is None else layer
+  stored = layer.entries(params, state)
+  for k, v in layer._all_entries(params, state).items():
+    var = getattr(module, k, None)
+    if var is not None:
+      var.set_value(v)
+    elif k in stored:
+      raise ValueError(
+        f"jaxbn.nnx.write_module: the layer stores {k!r}, but {type(module).__qualname__} has "
+        f"no such variable; make the module with the same options."
+      )
+  return module
+
+
+def _values(module: Any, names: Sequence[str]) -> dict[str, Any]:
+  """The values of the nnx variables ``names`` that ``module`` holds."""
+  out = {}
+  for k in names:
+    var = getattr(module, k, None)
+    if var is not None:
+      out[k] = var[...]
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -294,7 +380,7 @@ def nnx_population_stats(
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
   # The running statistics alone: population_stats updates each once per batch.
   states = {
-    k: BNLayer.of(bn).replace(accumulate_steps=1).read_nnx(bn)[1] for k, bn in layers.items()
+    k: read_module(bn, BNLayer.of(bn).replace(accumulate_steps=1))[1] for k, bn in layers.items()
   }
   graphdef, nnx_state = nnx.split(model)
 
@@ -313,7 +399,7 @@ def nnx_population_stats(
       if bn.axis_name is not None and not axis_bound(bn.axis_name):
         bn.axis_name = bn.axis_index_groups = None  # whole batches: no cross-device sum
     out = copy(x, **call_kwargs)
-    return out, {k: BNLayer.of(bn).read_nnx(bn)[1] for k, bn in copies.items()}
+    return out, {k: read_module(bn)[1] for k, bn in copies.items()}
 
   got = population_stats(
     forward, nnx_state, states, batches, estimator=estimator, progress=progress, total=total
@@ -322,3 +408,175 @@ def nnx_population_stats(
     bn.mean[...], bn.var[...] = got[k].mean, got[k].var
     if bn.count is not None:
       bn.count[...] = got[k].count
+
+
+# --------------------------------------------------------------------------
+# Folding
+
+_BATCH_NORMS = (BatchNorm, nnx.BatchNorm)
+_LINEAR = (nnx.Linear, nnx.Conv)
+
+
+class FoldedBatchNorm(nnx.Module):
+  """A batch norm folded into the layer before it (by :func:`fold_nnx`): the identity.
+
+  Takes the batch norm's call arguments (``use_running_average``, ``mask``)
+  and returns ``x``, in ``dtype`` when given.
+  """
+
+  def __init__(self, dtype: Any = None):
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    return x if self.dtype is None else x.astype(self.dtype)
+
+
+def _nodes(model: Any) -> dict[tuple, Any]:
+  return {tuple(p): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+
+
+def _path(path: tuple) -> str:
+  return "/".join(map(str, path))
+
+
+def _traced_pairs(fn: str, model: Any, args: tuple, kwargs: dict) -> list[tuple[tuple, tuple]]:
+  """``(linear path, batch-norm path)`` of every batch norm in a call of a copy of ``model``.
+
+  While the copy runs, the ``__call__`` of the batch norms, ``Linear`` and
+  ``Conv`` record their inputs and outputs: a batch norm folds when its
+  input is the very output of a ``Linear`` or ``Conv`` call.
+  """
+  probe = nnx.clone(model)
+  paths = {id(n): p for p, n in _nodes(probe).items()}
+  trace = FoldTrace("Linear or Conv", _path)
+
+  def spy(cls: type) -> Any:
+    call = cls.__call__
+
+    def spied(self, *a, **kw):
+      path = paths.get(id(self), ("?",))
+      if isinstance(self, _BATCH_NORMS):
+        trace.batch_norm(path, self, a[0] if a else kw.get("x"), BNLayer.of(self).options.axis)
+      out = call(self, *a, **kw)
+      trace.called(path, self, out, linear=isinstance(self, _LINEAR))
+      return out
+
+    return call, spied
+
+  classes = (*_BATCH_NORMS, *_LINEAR)
+  saved = {}
+  try:
+    for cls in classes:
+      saved[cls], cls.__call__ = spy(cls)
+    probe(*args, **kwargs)
+  finally:
+    for cls, call in saved.items():
+      cls.__call__ = call
+  return [(linear, bn) for bn, (linear, _) in trace.result(fn, model).items()]
+
+
+def _fold_into(layer: Any, bn: Any) -> None:
+  """Folds the nnx batch norm ``bn`` into the ``Linear`` or ``Conv`` ``layer``, in place."""
+  params, state = read_module(bn)
+  old_bias = layer.bias[...] if layer.bias is not None else None
+  kernel, bias = fold_bn(layer.kernel[...], old_bias, params, state, epsilon=bn.epsilon)
+  layer.kernel.set_value(kernel)
+  layer.bias = nnx.Param(bias)
+  layer.use_bias = True
+
+
+def fold_nnx(model: Any, *args: Any, **kwargs: Any) -> Any:
+  """Folds every batch norm of an nnx model into the Linear or Conv before it.
+
+  Returns a copy (``nnx.clone``; ``model`` is unchanged) whose ``Linear`` /
+  ``Conv`` layers followed by a batch norm (:class:`jaxbn.nnx.BatchNorm` or
+  ``flax.nnx.BatchNorm``) carry the folded kernel and bias
+  (:func:`jaxbn.fold_bn` with the batch norm's ``epsilon``), in evaluation
+  mode. Its output equals the original's in evaluation mode.
+
+  A model that knows its pairs needs no example call: one with methods
+  ``fold_pairs()`` (``(linear layer, batch norm)`` of each fold) and
+  ``without_batch_norm()`` (drops its batch norms, in place, once folded),
+  as :class:`jaxbn.models.NNXMLP` and :class:`jaxbn.models.NNXCNN` have.
+  Any other model needs an example call, ``fold_nnx(model, x)`` (its call
+  arguments, e.g. ``x, train=False``): a copy runs it to find which layer
+  each batch norm follows, and each batch norm of the result is a
+  :class:`FoldedBatchNorm` (the identity). A batch norm that does not
+  directly follow a ``Linear`` or ``Conv`` (an activation between them, say)
+  or normalizes another axis than the layer's output features is an error
+  naming it. The layer's output must feed only the batch norm, which the
+  call does not check.
+
+  Args:
+    model: an nnx model.
+    *args: an example call's arguments (not needed for a model with ``fold_pairs``).
+    **kwargs: its keyword arguments.
+
+  Returns:
+    The folded copy.
+
+  Raises:
+    TypeError: a model without ``fold_pairs`` and without an example call.
+    ValueError: a batch norm that cannot be folded (named with its path and
+      class), or no batch norm.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jaxbn
+    >>> from jaxbn.models import NNXMLP
+    >>> model = NNXMLP(5, features=(8,), num_classes=3, rngs=nnx.Rngs(0))
+    >>> folded = jaxbn.fold_nnx(model)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 5))
+    >>> bool(jnp.allclose(folded(x), model(x, train=False), atol=1e-5))
+    True
+
+    A model of one's own:
+
+    >>> from jaxbn import nnx as jbn
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.dense = nnx.Linear(5, 8, use_bias=False, rngs=rngs)
+    ...     self.bn = jbn.BatchNorm(8, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 3, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(nnx.relu(self.bn(self.dense(x))))
+    >>> net = Net(nnx.Rngs(0))
+    >>> _ = net(x)  # one training step moves the running statistics
+    >>> net.eval()
+    >>> folded = jaxbn.fold_nnx(net, x)
+    >>> type(folded.bn).__name__
+    'FoldedBatchNorm'
+    >>> bool(jnp.allclose(folded(x), net(x), atol=1e-5))
+    True
+  """
+  fn = "fold_nnx"
+  own = hasattr(model, "fold_pairs") and hasattr(model, "without_batch_norm")
+  if own and not args and not kwargs:
+    folded = nnx.clone(model)
+    pairs = folded.fold_pairs()
+    if not pairs:
+      raise ValueError(f"{fn}: {qualified_name(model)} has no batch norm; nothing to fold.")
+    for layer, bn in pairs:
+      _fold_into(layer, bn)
+    folded.without_batch_norm()
+    folded.eval()
+    return folded
+  if not args and not kwargs:
+    raise TypeError(
+      f"{fn}: {qualified_name(model)} has no fold_pairs(); pass an example call, "
+      f"fold_nnx(model, x), so that the layer each batch norm follows can be found."
+    )
+  pairs = _traced_pairs(fn, model, args, kwargs)
+  folded = nnx.clone(model)
+  nodes = _nodes(folded)
+  for linear, bn in pairs:
+    _fold_into(nodes[linear], nodes[bn])
+    parent, key = nodes[bn[:-1]], bn[-1]
+    identity = FoldedBatchNorm(getattr(nodes[bn], "dtype", None))
+    if isinstance(key, int):
+      parent[key] = identity
+    else:
+      setattr(parent, key, identity)
+  folded.eval()
+  return folded

@@ -5,6 +5,9 @@ modules (their apply in evaluation mode), a float64 NumPy formula
 (``tests.reference.bn_infer_ref``), or the unfolded model's output.
 """
 
+import dataclasses
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,10 @@ import jaxbn
 from jaxbn import linen as jbl
 from jaxbn import nnx as jbx
 from jaxbn.layer import BNLayer
+from jaxbn.linen import read_variables
+from jaxbn.linen import write_variables
+from jaxbn.nnx import read_module
+from jaxbn.nnx import write_module
 from tests.reference import bn_infer_ref
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)
@@ -84,7 +91,7 @@ def test_bn_train_mask_of_whole_examples_is_n_by_1():
     jaxbn.bn_train(params, state, x, mask=keep)
 
 
-def test_linen_options_field_equals_keywords_and_conflicts_raise():
+def test_linen_options_field_equals_keywords_and_a_given_keyword_wins():
   x = jax.random.normal(jax.random.key(2), (8, 3)) + 3
   opts = jaxbn.BNOptions(momentum=0.5, epsilon=1e-3, ema_warmup=True)
   a = jbl.BatchNorm(options=opts)
@@ -96,16 +103,43 @@ def test_linen_options_field_equals_keywords_and_conflicts_raise():
   yb, ub = b.apply(vb, x, use_running_average=False, mutable=["batch_stats"])
   np.testing.assert_array_equal(ya, yb)  # one computation, two spellings
   np.testing.assert_array_equal(ua["batch_stats"]["mean"], ub["batch_stats"]["mean"])
-  with pytest.raises(ValueError, match=r"momentum=0.9 disagrees with options.momentum=0.5"):
-    jbl.BatchNorm(options=opts, momentum=0.9).init(jax.random.key(0), x, use_running_average=True)
+  # bn_train's rule: a keyword given wins over the same field of options.
+  c = jbl.BatchNorm(options=opts, epsilon=0.5)
+  yc, uc = c.apply(va, x, use_running_average=False, mutable=["batch_stats"])
+  want_y, want = jaxbn.bn_train(*jaxbn.bn_init(3), x, opts, epsilon=0.5)
+  np.testing.assert_array_equal(yc, want_y)
+  np.testing.assert_array_equal(uc["batch_stats"]["mean"], want.mean)
+  assert not np.allclose(yc, ya)
 
 
 def test_nnx_options_argument_sets_the_attributes():
   opts = jaxbn.BNOptions(momentum=None, epsilon=1e-3)
   bn = jbx.BatchNorm(3, options=opts, rngs=nnx.Rngs(0))
   assert bn.momentum is None and bn.epsilon == 1e-3 and bn.count is not None
-  with pytest.raises(ValueError, match="epsilon"):
-    jbx.BatchNorm(3, options=opts, epsilon=1e-2, rngs=nnx.Rngs(0))
+  bn = jbx.BatchNorm(3, options=opts, epsilon=1e-2, rngs=nnx.Rngs(0))  # a keyword given wins
+  assert bn.epsilon == 1e-2 and bn.momentum is None
+
+
+def _option_keywords(fn):
+  """The keywords of ``fn`` whose default is FROM_OPTIONS (the options it takes one by one)."""
+  return {
+    k for k, p in inspect.signature(fn).parameters.items() if p.default is jaxbn.core.FROM_OPTIONS
+  }
+
+
+def test_every_face_names_the_options_as_bn_train_does():
+  fields = set(jaxbn.BNOptions._fields)
+  assert _option_keywords(jaxbn.bn_train) == fields
+  linen = {
+    f.name for f in dataclasses.fields(jbl.BatchNorm) if f.default is jaxbn.core.FROM_OPTIONS
+  }
+  assert linen == fields
+  assert _option_keywords(jbx.BatchNorm.__init__) == fields
+  # Equinox's layer keeps equinox's constructor: its three options under equinox's names.
+  from jaxbn import equinox as jeqx
+
+  assert _option_keywords(jeqx.BatchNorm.__init__) == set(jeqx.EQUINOX_NAMES)
+  assert set(jeqx.EQUINOX_NAMES.values()) <= fields
 
 
 # --------------------------------------------------------------------------
@@ -129,10 +163,10 @@ def test_linen_variables_round_trip(opts):
   _, upd = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   variables = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
   layer = BNLayer.of(bn, (4,))
-  params, state = layer.read_linen(variables)
+  params, state = read_variables(variables, layer)
   assert isinstance(state, jaxbn.BNAccState) == (opts.accumulate_steps > 1)
   np.testing.assert_array_equal(params.bias, np.zeros(4))  # use_bias=False: bias 0
-  back = layer.write_linen(params, state)
+  back = write_variables(params, state, layer)
   assert jax.tree.structure(back) == jax.tree.structure(variables)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -146,16 +180,16 @@ def test_flax_linen_batchnorm_variables_read_as_a_full_state():
   variables = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
   layer = BNLayer.of(bn, (5,))
   assert layer.options.epsilon == 1e-3
-  params, state = layer.read_linen(variables)
+  params, state = read_variables(variables, layer)
   np.testing.assert_array_equal(state.count, np.zeros(5, np.float32))  # as bn_init makes it
   assert state.step.dtype == jnp.int32 and int(state.step) == 0
   want = bn.apply(variables, x, use_running_average=True)  # flax's own inference
   _close(jaxbn.bn_infer(params, state, x, layer.options), want)
   # A bare batch_stats dict reads too (params 1 and 0).
-  _, bare = BNLayer().read_linen(variables["batch_stats"])
+  _, bare = read_variables(variables["batch_stats"])
   np.testing.assert_array_equal(bare.mean, state.mean)
   # Written back, the variables are flax's tree again: no count, no step.
-  back = layer.write_linen(params, state)
+  back = write_variables(params, state, layer)
   assert jax.tree.structure(back) == jax.tree.structure(variables)
 
 
@@ -163,11 +197,11 @@ def test_nnx_module_round_trip():
   bn = jbx.BatchNorm(4, ema_warmup=True, accumulate_steps=2, rngs=nnx.Rngs(0))
   bn(jax.random.normal(jax.random.key(5), (8, 4)) + 1)
   layer = BNLayer.of(bn)
-  params, state = layer.read_nnx(bn)
+  params, state = read_module(bn, layer)
   assert isinstance(state, jaxbn.BNAccState) and int(state.step) == 1
   new = jax.tree.map(lambda t: t + 1 if t.dtype != jnp.int32 else t + 3, state)
-  layer.write_nnx(bn, params._replace(scale=params.scale * 2), new)
-  p2, s2 = layer.read_nnx(bn)
+  write_module(bn, params._replace(scale=params.scale * 2), new, layer)
+  p2, s2 = read_module(bn, layer)
   np.testing.assert_array_equal(p2.scale, params.scale * 2)
   for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(new), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -180,9 +214,9 @@ def test_flax_nnx_batchnorm_reads_and_writes():
   bn.eval()
   layer = BNLayer.of(bn)
   assert layer.feature_shape == (3,) and layer.options.epsilon == 1e-4
-  params, state = layer.read_nnx(bn)
+  params, state = read_module(bn, layer)
   _close(jaxbn.bn_infer(params, state, x, layer.options), bn(x))
-  layer.write_nnx(bn, None, state._replace(mean=state.mean + 1))
+  write_module(bn, None, state._replace(mean=state.mean + 1), layer)
   np.testing.assert_array_equal(bn.mean[...], state.mean + 1)
 
 
@@ -191,7 +225,7 @@ def test_fold_bn_of_a_flax_batch_stats_dict():
   x = jax.random.normal(jax.random.key(7), (10, 4))
   variables = _random_stats(model.init(jax.random.key(0), x), 1)
   dense, bn = variables["params"]["layers_0"], "layers_1"
-  params, state = BNLayer().read_linen(
+  params, state = read_variables(
     {"params": variables["params"][bn], "batch_stats": variables["batch_stats"][bn]}
   )
   kernel, bias = jaxbn.fold_bn(dense["kernel"], None, params, state)
@@ -265,7 +299,7 @@ def test_fold_linen_names_the_layer_it_cannot_fold():
   )
   with pytest.raises(ValueError, match=msg):
     jaxbn.fold_linen(Net(), variables, x, train=False)
-  with pytest.raises(TypeError, match=r"test_layer.*Net is not a jaxbn.models.MLP or CNN"):
+  with pytest.raises(TypeError, match=r"test_layer.*Net has no fold_pairs\(\)"):
     jaxbn.fold_linen(Net(), variables)
 
 
@@ -323,5 +357,5 @@ def test_fold_nnx_names_the_layer_it_cannot_fold():
   msg = r"layer 'bn' \(jaxbn.nnx.BatchNorm\) does not directly follow a Linear or Conv.*'dense'"
   with pytest.raises(ValueError, match=msg):
     jaxbn.fold_nnx(net, jnp.ones((2, 5)))
-  with pytest.raises(TypeError, match=r"Net is not a jaxbn.models.NNXMLP or NNXCNN"):
+  with pytest.raises(TypeError, match=r"Net has no fold_pairs\(\)"):
     jaxbn.fold_nnx(net)

@@ -21,9 +21,9 @@ Every model takes its batch-norm options as one :class:`jaxbn.BNOptions`
 (``bn_options=BNOptions(momentum=0.9, axis_name='batch')``), passed as it is
 to every batch-norm layer (``BatchNorm(options=...)``).
 
-:func:`fold_linen` and :func:`fold_nnx` fold the batch norms of these models,
-and of a model of one's own given an example call (:class:`FoldedLinen`,
-:class:`FoldedBatchNorm`).
+Their batch norms fold with :func:`jaxbn.linen.fold_linen`,
+:func:`jaxbn.nnx.fold_nnx` (the models say which layers pair through their
+``fold_pairs`` and ``without_batch_norm`` methods) and :func:`fold_params`.
 
 The input of the hidden units (after batch norm, before the activation) of
 every hidden layer is sown into the ``'intermediates'`` collection under the
@@ -47,12 +47,8 @@ from jaxbn.models.functional import init_cnn
 from jaxbn.models.functional import init_mlp
 from jaxbn.models.linen import CNN
 from jaxbn.models.linen import MLP
-from jaxbn.models.linen import FoldedLinen
-from jaxbn.models.linen import fold_linen
 from jaxbn.models.nnx import NNXCNN
 from jaxbn.models.nnx import NNXMLP
-from jaxbn.models.nnx import FoldedBatchNorm
-from jaxbn.models.nnx import fold_nnx
 
 __all__ = (
   "CNN",
@@ -60,12 +56,8 @@ __all__ = (
   "NNXCNN",
   "NNXMLP",
   "PREACTIVATION",
-  "FoldedBatchNorm",
-  "FoldedLinen",
   "apply_cnn",
   "apply_mlp",
-  "fold_linen",
-  "fold_nnx",
   "fold_params",
   "init_cnn",
   "init_mlp",
