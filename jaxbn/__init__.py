@@ -7,9 +7,10 @@ The pure core imports only jax, chex and numpy: ``bn_init``, ``bn_train`` and
 (:mod:`jaxbn.population`) and folding one layer (:mod:`jaxbn.folding`).
 Everything built on frameworks is imported on first use: the flax shells (:mod:`jaxbn.linen`,
 :mod:`jaxbn.nnx`), models (:mod:`jaxbn.models`), optax training
-(:mod:`jaxbn.training`), the PyTorch port (:mod:`jaxbn.torch_port`), so
+(:mod:`jaxbn.training`), the PyTorch port (:mod:`jaxbn.torch`), the Equinox
+module (:mod:`jaxbn.equinox`), so
 ``import jaxbn`` loads none of flax, optax, orbax, scikit-learn, matplotlib,
-tqdm or torch.
+tqdm, torch or equinox.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from jaxbn.core import Renorm
 from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
+from jaxbn.core import bn_moments
 from jaxbn.core import bn_train
+from jaxbn.core import bn_update
 from jaxbn.core import checkpoint_names
 from jaxbn.core import renorm_schedule
 from jaxbn.folding import fold_bn
@@ -36,6 +39,10 @@ from jaxbn.numerics import stats_dtype
 from jaxbn.population import population_stats
 
 __version__ = "0.2.0"
+
+# Lazy names left out of `from jaxbn import *`: equinox needs its extra to import, and
+# torch_port is the deprecated old name of torch (kept for one release).
+_NOT_STARRED = {"equinox", "torch_port"}
 
 # Public names loaded on first use: name -> (module, attribute or None for the module).
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -46,12 +53,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
   "models": ("jaxbn.models", None),
   "nnx": ("jaxbn.nnx", None),
   "reproduce": ("jaxbn.reproduce", None),
+  "torch": ("jaxbn.torch", None),
+  "equinox": ("jaxbn.equinox", None),
   "torch_port": ("jaxbn.torch_port", None),
   "training": ("jaxbn.training", None),
   "linen_population_stats": ("jaxbn.linen", "linen_population_stats"),
   "nnx_population_stats": ("jaxbn.nnx", "nnx_population_stats"),
-  "fold_linen": ("jaxbn.models", "fold_linen"),
-  "fold_nnx": ("jaxbn.models", "fold_nnx"),
+  "fold_linen": ("jaxbn.linen", "fold_linen"),
+  "fold_nnx": ("jaxbn.nnx", "fold_nnx"),
   "fold_params": ("jaxbn.models", "fold_params"),
   "TrainState": ("jaxbn.training", "TrainState"),
   "bn_weight_decay_mask": ("jaxbn.training", "bn_weight_decay_mask"),
@@ -59,12 +68,12 @@ _LAZY: dict[str, tuple[str, str | None]] = {
   "eval_step": ("jaxbn.training", "eval_step"),
   "fit": ("jaxbn.training", "fit"),
   "train_step": ("jaxbn.training", "train_step"),
-  "TorchSettings": ("jaxbn.torch_port", "TorchSettings"),
-  "from_torch": ("jaxbn.torch_port", "from_torch"),
-  "from_torch_linen": ("jaxbn.torch_port", "from_torch_linen"),
-  "from_torch_nnx": ("jaxbn.torch_port", "from_torch_nnx"),
-  "to_torch": ("jaxbn.torch_port", "to_torch"),
-  "torch_settings": ("jaxbn.torch_port", "torch_settings"),
+  "TorchSettings": ("jaxbn.torch", "TorchSettings"),
+  "from_torch": ("jaxbn.torch", "from_torch"),
+  "from_torch_linen": ("jaxbn.torch", "from_torch_linen"),
+  "from_torch_nnx": ("jaxbn.torch", "from_torch_nnx"),
+  "to_torch": ("jaxbn.torch", "to_torch"),
+  "torch_settings": ("jaxbn.torch", "torch_settings"),
 }
 
 
@@ -83,6 +92,8 @@ def __dir__() -> list[str]:
   return sorted(set(globals()) | set(_LAZY))
 
 
+# Every public name: the imports above and _LAZY's, less _NOT_STARRED (tests/test_api.py
+# checks that the three agree).
 __all__ = (
   "BNAccState",
   "BNLayer",
@@ -95,11 +106,15 @@ __all__ = (
   "TrainState",
   "bn_infer",
   "bn_init",
+  "bn_moments",
   "bn_train",
+  "bn_update",
   "bn_weight_decay_mask",
   "checkpoint_names",
+  "cli",
   "create_train_state",
   "data",
+  "engine",
   "eval_step",
   "fit",
   "fold_bn",
@@ -118,9 +133,10 @@ __all__ = (
   "numerics",
   "population_stats",
   "renorm_schedule",
+  "reproduce",
   "stats_dtype",
   "to_torch",
-  "torch_port",
+  "torch",
   "torch_settings",
   "train_step",
   "training",

@@ -8,7 +8,8 @@ jaxlib, chex, numpy, flax, optax). The rest comes with an extra:
 * ``jaxbn[reproduce]``: scikit-learn (the digits data set,
   :func:`jaxbn.data.load_digits`), matplotlib (the figures) and tqdm, for
   ``jaxbn reproduce``;
-* ``jaxbn[torch]``: PyTorch (:mod:`jaxbn.torch_port`);
+* ``jaxbn[torch]``: PyTorch (:mod:`jaxbn.torch`);
+* ``jaxbn[equinox]``: Equinox (:mod:`jaxbn.equinox`);
 * ``jaxbn[all]``: all of the above but PyTorch.
 
 Every import of one of these packages in jaxbn goes through :func:`require`,
@@ -28,6 +29,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
   "sklearn": ("scikit-learn", "reproduce"),
   "matplotlib": ("matplotlib", "reproduce"),
   "torch": ("torch", "torch"),
+  "equinox": ("equinox", "equinox"),
 }
 
 

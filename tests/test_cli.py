@@ -216,7 +216,7 @@ def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, no_training,
 
 def test_the_command_line_loads_no_framework():
   # `jaxbn --help` stays fast: training, figures and data sets load when a command runs.
-  heavy = ("flax", "optax", "matplotlib", "sklearn", "tqdm", "orbax")
+  heavy = ("flax", "optax", "matplotlib", "sklearn", "tqdm", "orbax", "equinox", "torch")
   code = f"import sys, jaxbn.cli; print([m for m in {heavy!r} if m in sys.modules])"
   proc = subprocess.run(
     [sys.executable, "-c", code],

@@ -158,9 +158,15 @@ def _figures(tmp_path, monkeypatch):
 
 
 def _torch(tmp_path):
-  from jaxbn import torch_port
+  from jaxbn import torch as jtorch
 
-  torch_port.nchw_to_nhwc(np.ones((1, 2, 2, 2)))
+  jtorch.nchw_to_nhwc(np.ones((1, 2, 2, 2)))
+
+
+def _equinox(tmp_path, monkeypatch):
+  # The module imports equinox when it loads: load it afresh (the old one is put back after).
+  monkeypatch.delitem(sys.modules, "jaxbn.equinox", raising=False)
+  importlib.import_module("jaxbn.equinox")
 
 
 CASES = [
@@ -170,14 +176,15 @@ CASES = [
   ("tqdm", "jaxbn.population_stats(progress=True)", _population),
   ("sklearn", "jaxbn.data.load_digits", _digits),
   ("matplotlib", "jaxbn.reproduce.write_figures", _figures),
-  ("torch", "jaxbn.torch_port", _torch),
+  ("torch", "jaxbn.torch", _torch),
+  ("equinox", "jaxbn.equinox", _equinox),
 ]
 
 
 @pytest.mark.parametrize("top, what, call", CASES, ids=[c[1] for c in CASES])
 def test_a_missing_extra_is_an_import_error_naming_it(tmp_path, monkeypatch, top, what, call):
   _block(monkeypatch, top)
-  args = (tmp_path, monkeypatch) if call is _figures else (tmp_path,)
+  args = (tmp_path, monkeypatch) if call in (_figures, _equinox) else (tmp_path,)
   with pytest.raises(ImportError, match=_message(top, what)):
     call(*args)
 

@@ -1,0 +1,71 @@
+"""The public API: one list of names, and every name importable as listed."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jaxbn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _eager_names():
+  """The names jaxbn/__init__.py imports eagerly (its module-level `import` statements)."""
+  tree = ast.parse((ROOT / "jaxbn" / "__init__.py").read_text())
+  names = set()
+  for node in tree.body:
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxbn"):
+      names |= {a.asname or a.name for a in node.names}
+  return names
+
+
+def test_all_is_the_eager_imports_and_the_lazy_table():
+  # __all__ is written out for readers and type checkers; it cannot drift from the
+  # imports and the lazy table, less the names left out of `import *` on purpose.
+  assert set(jaxbn.__all__) == _eager_names() | (set(jaxbn._LAZY) - jaxbn._NOT_STARRED)
+  assert list(jaxbn.__all__) == sorted(jaxbn.__all__)
+  assert jaxbn._NOT_STARRED <= set(jaxbn._LAZY)
+
+
+def test_every_lazy_name_resolves_to_what_its_module_exports():
+  for name, (module, attr) in jaxbn._LAZY.items():
+    if name in jaxbn._NOT_STARRED:
+      continue
+    value = getattr(jaxbn, name)
+    if attr is not None:
+      assert value is getattr(sys.modules[module], attr), name
+      assert attr in sys.modules[module].__all__, (module, attr)
+
+
+def test_import_jaxbn_imports_no_framework():
+  frameworks = ("flax", "optax", "equinox", "torch", "orbax", "sklearn", "matplotlib", "tqdm")
+  code = f"import sys, jaxbn; print([m for m in {frameworks!r} if m in sys.modules])"
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "[]"
+
+
+def test_star_import_needs_no_optional_package():
+  code = """
+import sys
+for name in ("torch", "equinox", "orbax", "sklearn", "matplotlib", "tqdm"):
+  sys.modules[name] = None
+from jaxbn import *
+print(sorted(k for k in dir() if not k.startswith("_"))[:3])
+"""
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
