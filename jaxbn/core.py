@@ -9,6 +9,15 @@ every position, ``m' = m * p * q``)::
     xhat_i = (x_i - mu_B) / sqrt(var_B + epsilon)
     y_i    = scale * xhat_i + bias
 
+**Data layout** (the one place it is stated; the faces point here). The
+feature axis is ``axis`` (default ``-1``: channel-last, flax's ``NHWC`` and
+``(N, C)``); every other axis is reduced. Channel-first data (PyTorch's
+``NCHW``) takes ``axis=1``, or moves its channels last
+(:func:`jaxbn.torch.nchw_to_nhwc`); Equinox's layer sees one example
+``(C, *spatial)`` and normalizes its axis 0 (a whole batch: axis 1). A batch
+split over devices or vmapped examples names that axis with ``axis_name``.
+Ghost batches split the first reduced axis into contiguous groups.
+
 Everything here is a pure function of small immutable pytrees: ``params``
 (:class:`BNParams`, trained by gradient descent) and ``state``
 (:class:`BNState`, the running statistics, float32 whatever the input). The

@@ -76,10 +76,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
   Modes, as equinox defines them:
 
-  - ``"batch"``: training normalizes with the batch statistics
-    (:func:`jaxbn.bn_train`, exact far from zero) and moves the running
-    statistics ``mean <- momentum * mean + (1 - momentum) * mu_B`` (likewise
-    the biased variance) from ``mean = 0, var = 1``; inference normalizes with
+  - ``"batch"``: training is :func:`jaxbn.bn_train` (the formula, its
+    numerics and every option are stated there): batch statistics, and the
+    running ones moved from ``mean = 0, var = 1``; inference normalizes with
     them divided by ``1 - momentum**t`` after ``t`` updates (equinox's
     zero-debiasing; ``t = 0``: as stored). The division applies to the initial
     variance 1 as well, as equinox's does: the inference variance is

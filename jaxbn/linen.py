@@ -63,14 +63,10 @@ __all__ = (
 class BatchNorm(nn.Module):
   r"""Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.linen.BatchNorm``.
 
-  In training (``use_running_average=False``), per feature over every other
-  axis, with the statistics computed two-pass in at least float32::
-
-      y = (x - mu_B) / sqrt(var_B + epsilon) * scale + bias
-      mean <- momentum * mean + (1 - momentum) * mu_B        # likewise var
-
-  In evaluation (``use_running_average=True``) the stored ``mean`` and ``var``
-  replace ``mu_B`` and ``var_B`` (Algorithm 2 of the paper).
+  In training (``use_running_average=False``) it is :func:`jaxbn.bn_train`
+  (the formula, its numerics and every option are stated there); in
+  evaluation (``use_running_average=True``), :func:`jaxbn.bn_infer` with the
+  stored ``mean`` and ``var`` (Algorithm 2 of the paper).
 
   Variables, identical to flax's: ``'params'``: ``scale`` and ``bias`` of the
   feature shape in ``param_dtype`` (each left out when ``use_scale`` or

@@ -62,13 +62,10 @@ _ONES = initializers.ones_init()
 class BatchNorm(nnx.Module):
   r"""Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``flax.nnx.BatchNorm``.
 
-  In training (``use_running_average=False``, or after ``.train()``), per
-  feature over every other axis, two-pass in at least float32::
-
-      y = (x - mu_B) / sqrt(var_B + epsilon) * scale + bias
-      mean <- momentum * mean + (1 - momentum) * mu_B        # likewise var
-
-  In evaluation (``.eval()``) the stored ``mean`` and ``var`` are used.
+  In training (``use_running_average=False``, or after ``.train()``) it is
+  :func:`jaxbn.bn_train` (the formula, its numerics and every option are
+  stated there); in evaluation (``.eval()``), :func:`jaxbn.bn_infer` with the
+  stored ``mean`` and ``var``.
 
   Variables: ``mean``, ``var`` (``nnx.BatchStat``, float32, or float64 for
   ``param_dtype=float64`` with x64, shape ``(num_features,)``); ``scale``,

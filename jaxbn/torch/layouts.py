@@ -3,7 +3,8 @@
 Convolution weights ``(O, I, *spatial)`` as flax/XLA kernels ``(*spatial, I, O)``
 (:func:`torch_conv_kernel`), Linear weights ``(out, in)`` as Dense kernels
 ``(in, out)`` (:func:`torch_linear_kernel`), and activations between NCHW and
-NHWC (:func:`nchw_to_nhwc`, :func:`nhwc_to_nchw`).
+NHWC (:func:`nchw_to_nhwc`, :func:`nhwc_to_nchw`). Which axis a batch norm
+normalizes is stated once, in :mod:`jaxbn.core` (data layout).
 """
 
 from __future__ import annotations
