@@ -40,9 +40,10 @@ from jaxbn.population import population_stats
 
 __version__ = "0.2.0"
 
-# Lazy names left out of `from jaxbn import *`: equinox needs its extra to import, and
-# torch_port is the deprecated old name of torch (kept for one release).
-_NOT_STARRED = {"equinox", "torch_port"}
+# Deprecated lazy names, kept for one release: reachable, not listed by dir() or *.
+_DEPRECATED = {"torch_port"}
+# Lazy names left out of `from jaxbn import *`: equinox needs its extra to import.
+_NOT_STARRED = {"equinox"} | _DEPRECATED
 
 # Public names loaded on first use: name -> (module, attribute or None for the module).
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -89,7 +90,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_LAZY))
+  return sorted(set(globals()) | (set(_LAZY) - _DEPRECATED))
 
 
 # Every public name: the imports above and _LAZY's, less _NOT_STARRED (tests/test_api.py
