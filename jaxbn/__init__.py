@@ -40,10 +40,9 @@ from jaxbn.population import population_stats
 
 __version__ = "0.2.0"
 
-# Deprecated lazy names, kept for one release: reachable, not listed by dir() or *.
-_DEPRECATED = {"torch_port"}
-# Lazy names left out of `from jaxbn import *`: equinox needs its extra to import.
-_NOT_STARRED = {"equinox"} | _DEPRECATED
+# Lazy names reachable as attributes but left out of dir() and `from jaxbn import *`:
+# equinox needs its extra to import; torch_port is jaxbn.torch's deprecated old name.
+_NOT_STARRED = {"equinox", "torch_port"}
 
 # Public names loaded on first use: name -> (module, attribute or None for the module).
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -90,7 +89,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | (set(_LAZY) - _DEPRECATED))
+  # Not the names whose import needs an extra or warns: dir() and inspect.getmembers work
+  # on a core install and stay quiet.
+  return sorted(set(globals()) | (set(_LAZY) - _NOT_STARRED))
 
 
 # Every public name: the imports above and _LAZY's, less _NOT_STARRED (tests/test_api.py

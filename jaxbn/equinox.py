@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from collections.abc import Hashable
@@ -50,6 +51,7 @@ from jaxbn.core import bn_update
 from jaxbn.core import merge_options
 from jaxbn.extras import require
 from jaxbn.folding import fold_bn
+from jaxbn.layer import PORTED_COUNT
 from jaxbn.layer import BNLayer
 from jaxbn.population import population_stats
 
@@ -60,7 +62,7 @@ __all__ = ("BatchNorm", "equinox_population_stats", "fold_equinox", "from_equino
 MODES = ("batch", "ema")
 """Equinox's modes (``"legacy"``, its default, is ``"ema"`` with a warning)."""
 
-# Equinox's keyword for each option it names, where the name differs from jaxbn's.
+# The options equinox's constructor takes one by one: its keyword -> the BNOptions field.
 EQUINOX_NAMES = {"eps": "epsilon", "momentum": "momentum", "axis_name": "axis_name"}
 
 
@@ -105,7 +107,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
   ``epsilon``), ``momentum`` and ``axis_name``, when given, win over the same
   fields of ``options``; every other option (masks through the call's
   ``mask``, ``ghost_batch_size``, ``renorm``, ``ema_warmup``,
-  ``running_var``, ``accumulate_steps``, ``axis_index_groups``) comes in
+  ``running_var``, ``accumulate_steps``, ``axis_index_groups``: under
+  ``pmap``; ``jax.vmap`` has no index groups) comes in
   ``options``. The feature axis is the channel axis, equinox's (the first of
   an example), so ``options.axis`` stays at its default. ``"ema"`` mode
   normalizes with running statistics, so it takes none of ghost batches,
@@ -192,8 +195,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         f"{fn}: mode must be 'batch' or 'ema' (or 'legacy', equinox's default, which is "
         f"'ema'), got {mode!r}."
       )
-    given = {"axis_name": axis_name, "epsilon": eps, "momentum": momentum}
-    opts = merge_options(fn, options, given)
+    keywords = {"eps": eps, "momentum": momentum, "axis_name": axis_name}
+    opts = merge_options(fn, options, {EQUINOX_NAMES[k]: v for k, v in keywords.items()})
     if opts.axis != DEFAULTS.axis:
       raise ValueError(
         f"{fn}: options.axis={opts.axis!r}: the layer normalizes the channel axis, equinox's "
@@ -314,7 +317,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if self.mode == "batch" and o.momentum is not None and not o.ema_warmup:
       t = s.step // o.accumulate_steps
       dt = s.mean.dtype
-      factor = jnp.where(t == 0, 1, 1 - jnp.power(jnp.asarray(o.momentum, dt), t.astype(dt)))
+      factor = 1 - jnp.power(jnp.asarray(o.momentum, dt), t.astype(dt))
+      factor = jnp.where((t == 0) | (factor <= 0), 1, factor)  # no update yet, or momentum 1
       s = s._replace(mean=s.mean / factor, var=s.var / factor)
     return params, s
 
@@ -374,14 +378,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
     momentum = opts.momentum
     if momentum is not None:  # the first batch fills the running statistics (equinox)
       momentum = jnp.where(first, 0.0, jnp.asarray(momentum, s.mean.dtype))
-    new = bn_update(s, bn_moments(s, x, opts, mask=mask), opts, momentum=momentum)
+    m = bn_moments(s, x, opts, mask=mask)
+    new = bn_update(s, m, opts, momentum=momentum)
     y = bn_infer(params, new, x, opts)
-    state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
+    # Filled once every feature had a batch to fill it with (bn_update's own condition).
+    filled = jnp.all((m.count > 1) & jnp.isfinite(m.mean) & jnp.isfinite(m.m2))
+    state = state.set(self.ema_first_time_index, first & ~filled)
     return y, self.write(state, jax.lax.stop_gradient(new))
-
-
-def _is_bn(node: Any) -> bool:
-  return isinstance(node, BatchNorm)
 
 
 def _batch_norms(model: Any, kind: type = BatchNorm) -> dict[str, Any]:
@@ -390,14 +393,21 @@ def _batch_norms(model: Any, kind: type = BatchNorm) -> dict[str, Any]:
   return {jax.tree_util.keystr(p): n for p, n in leaves if isinstance(n, kind)}
 
 
-def _joined(*states: Any) -> Any:
-  """One ``eqx.nn.State`` holding the entries of ``states`` (no public API joins them)."""
-  keys: tuple = ()
-  values: tuple = ()
+def _in_order(model: Any, *states: Any) -> Any:
+  """One ``eqx.nn.State`` of ``model`` from ``states`` holding its entries, in its order.
+
+  ``eqx.nn.make_with_state`` orders the entries as the model's state indices;
+  checkpoints (``eqx.tree_serialise_leaves``) depend on that order. Equinox
+  has no public call that joins states, so this goes through the state's
+  pytree protocol.
+  """
+  values: dict = {}
   for state in states:
     v, k = state.tree_flatten()
-    keys, values = keys + k, values + v
-  return eqx.nn.State.tree_unflatten(keys, values)
+    values.update(zip(k, v, strict=True))
+  keys = tuple(dict.fromkeys(i.marker for i in _state_indices(model)))
+  keys += tuple(k for k in values if k not in keys)  # entries of no index in model, last
+  return eqx.nn.State.tree_unflatten(keys, tuple(values[k] for k in keys))
 
 
 def _state_indices(tree: Any) -> list[Any]:
@@ -409,7 +419,7 @@ def _state_indices(tree: Any) -> list[Any]:
 # From equinox's own BatchNorm
 
 
-def from_equinox(model: Any, state: Any, **options: Any) -> tuple[Any, Any]:
+def from_equinox(model: Any, state: Any, *, options: BNOptions | None = None) -> tuple[Any, Any]:
   """``model`` with every ``eqx.nn.BatchNorm`` replaced by :class:`BatchNorm`, and its state.
 
   Each layer keeps its configuration (``input_size``, ``axis_name``, ``eps``,
@@ -417,16 +427,29 @@ def from_equinox(model: Any, state: Any, **options: Any) -> tuple[Any, Any]:
   values: ``weight``, ``bias``, the running mean and variance and, in
   ``"batch"`` mode, the update counter (so inference debiases as equinox's
   did); in ``"ema"`` mode, whether the layer has trained. Every other
-  stateful layer keeps its state. Inference outputs are equal to equinox's
-  (to float32 rounding).
+  stateful layer keeps its state, and the state keeps the model's order (a
+  checkpoint of it loads into ``eqx.nn.make_with_state`` of the new model).
+  Inference outputs equal equinox's (to float32 rounding).
+
+  With ``options`` whose layer keeps an average of its own (``ema_warmup``,
+  ``momentum=None``), the carried statistics are the ones equinox's
+  inference used (debiased), with the count
+  :data:`jaxbn.layer.PORTED_COUNT` (their count is not known): inference is
+  unchanged and training goes on from them rather than from the next batch.
 
   Args:
     model: an Equinox model (any pytree) holding ``eqx.nn.BatchNorm`` layers.
     state: its ``eqx.nn.State``.
-    **options: passed to every new layer (e.g. ``options=BNOptions(...)``).
+    options: a :class:`jaxbn.BNOptions` for every new layer (jaxbn's extras);
+      ``epsilon``, ``momentum`` and ``axis_name`` come from each equinox
+      layer, and ``options`` must leave them at their defaults.
 
   Returns:
     ``(new_model, new_state)``.
+
+  Raises:
+    ValueError: no ``eqx.nn.BatchNorm`` in ``model``, or ``options`` sets
+      ``epsilon``, ``momentum`` or ``axis_name``.
 
   Examples:
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -440,9 +463,17 @@ def from_equinox(model: Any, state: Any, **options: Any) -> tuple[Any, Any]:
     >>> bool(jnp.allclose(infer(new, new_state), infer(old, state), atol=1e-6))
     True
   """
+  fn = "from_equinox"
   olds = _batch_norms(model, eqx.nn.BatchNorm)
   if not olds:
-    raise ValueError("from_equinox: the model holds no equinox.nn.BatchNorm.")
+    raise ValueError(f"{fn}: the model holds no equinox.nn.BatchNorm.")
+  if options is not None:
+    set_ = [k for k in EQUINOX_NAMES.values() if getattr(options, k) != getattr(DEFAULTS, k)]
+    if set_:
+      raise ValueError(
+        f"{fn}: options sets {set_}, which each equinox layer already has (eps, momentum, "
+        f"axis_name); leave them at their defaults in options."
+      )
   news = []
   for old in olds.values():
     with warnings.catch_warnings():
@@ -456,7 +487,7 @@ def from_equinox(model: Any, state: Any, **options: Any) -> tuple[Any, Any]:
         old.inference,
         None if old.weight is None else old.weight.dtype,
         old.mode,
-        **options,
+        options=options,
       )
     if old.weight is not None:
       new = eqx.tree_at(lambda b: (b.weight, b.bias), new, (old.weight, old.bias))
@@ -464,21 +495,34 @@ def from_equinox(model: Any, state: Any, **options: Any) -> tuple[Any, Any]:
   new_model = eqx.tree_at(lambda m: list(_batch_norms(m, eqx.nn.BatchNorm).values()), model, news)
   replaced = {i.marker for i in _state_indices(olds)} | {i.marker for i in _state_indices(news)}
   kept = [i for i in _state_indices(new_model) if i.marker not in replaced]
-  new_state = _joined(state.substate(kept), eqx.nn.State(news))
+  new_state = _in_order(new_model, state.substate(kept), eqx.nn.State(news))
   for old, new in zip(olds.values(), news, strict=True):
-    if old.mode == "batch":
-      mean, var = state.get(old.batch_state_index)
-      step = state.get(old.batch_counter).astype(jnp.int32)
-    else:
-      mean, var = state.get(old.ema_state_index)
-      step = jnp.zeros((), jnp.int32)
+    new_state = new.write(new_state, _carried(old, new, state, new.read(new_state)[1]))
+    if old.mode == "ema":
       new_state = new_state.set(new.ema_first_time_index, state.get(old.ema_first_time_index))
-    _, s = new.read(new_state)
-    sdt = s.mean.dtype
-    new_state = new.write(
-      new_state, s._replace(mean=mean.astype(sdt), var=var.astype(sdt), step=step)
-    )
   return eqx.nn.delete_init_state(new_model), new_state
+
+
+def _carried(old: Any, new: BatchNorm, state: Any, fresh: BNState) -> BNState:
+  """The core's state of ``new`` holding what the equinox layer ``old`` has learned."""
+  sdt = fresh.mean.dtype
+  if old.mode == "batch":
+    mean, var = state.get(old.batch_state_index)
+    t = state.get(old.batch_counter).astype(jnp.int32)
+    trained = t > 0
+  else:
+    mean, var = state.get(old.ema_state_index)
+    t = jnp.zeros((), jnp.int32)
+    trained = ~state.get(old.ema_first_time_index)
+  mean, var = mean.astype(sdt), var.astype(sdt)
+  o = new.options
+  keeps_average = o.momentum is None or o.ema_warmup
+  if old.mode == "batch" and keeps_average:  # store what equinox's inference used
+    factor = 1 - jnp.power(jnp.asarray(old.momentum, sdt), t.astype(sdt))
+    factor = jnp.where(trained & (factor > 0), factor, 1)
+    mean, var, t = mean / factor, var / factor, jnp.zeros_like(t)
+  count = jnp.where(trained, jnp.asarray(PORTED_COUNT, sdt), fresh.count)
+  return fresh._replace(mean=mean, var=var, count=count, step=t)
 
 
 # --------------------------------------------------------------------------
@@ -517,8 +561,10 @@ def equinox_population_stats(
   overrides of :func:`jaxbn.population_stats` (``momentum=None``,
   ``renorm=None``, one update per batch); the statistics of all batches are
   merged exactly and written into the returned state. In ``"batch"`` mode
-  with a plain moving average the update counter is set to 0, so that
-  inference uses them as they are (equinox's debiasing reads 0 so).
+  with a plain moving average the update counter is set to a number of
+  updates after which equinox's debiasing divides by 1 in float32
+  (1794 at momentum 0.99), so that inference uses them as they are, and
+  goes on so after further training steps.
 
   Args:
     model: an Equinox model holding :class:`BatchNorm` layers.
@@ -552,6 +598,14 @@ def equinox_population_stats(
   if not layers:
     raise ValueError(f"{fn}: the model holds no jaxbn.equinox.BatchNorm.")
   if forward is None:
+    per_example = sorted(k for k, bn in layers.items() if bn.axis_name is not None)
+    if per_example:
+      raise ValueError(
+        f"{fn}: the layers {per_example} take one example at a time (axis_name="
+        f"{layers[per_example[0]].axis_name!r}); pass the model's batched training call, e.g. "
+        f"forward=lambda m, s, x: eqx.filter_vmap(m, in_axes=(0, None), out_axes=(0, None), "
+        f"axis_name={layers[per_example[0]].axis_name!r})(x, s)."
+      )
     forward = lambda m, s, x: m(x, s)
   # The running statistics alone: population_stats updates each once per batch.
   states = {k: BNState(*bn.read(state)[1][:4]) for k, bn in layers.items()}
@@ -565,7 +619,7 @@ def equinox_population_stats(
       for k, bn in _batch_norms(m).items()
     }
     m = eqx.tree_at(lambda t: list(_batch_norms(t).values()), m, list(passes.values()))
-    s = _joined(state, eqx.nn.State([p.index for p in passes.values()]))
+    s = _in_order(m, state, eqx.nn.State([p.index for p in passes.values()]))
     out, s = forward(m, s, x)
     return out, {k: s.get(p.index) for k, p in passes.items()}
 
@@ -577,9 +631,22 @@ def equinox_population_stats(
     new = old._replace(mean=got[k].mean, var=got[k].var, count=got[k].count)
     o = bn.options
     if bn.mode == "batch" and o.momentum is not None and not o.ema_warmup:
-      new = new._replace(step=jnp.zeros_like(old.step))
+      step = _settled_updates(o.momentum) * o.accumulate_steps
+      new = new._replace(step=jnp.full_like(old.step, step))
     state = bn.write(state, new)
   return state
+
+
+def _settled_updates(momentum: float) -> int:
+  """Updates ``t`` after which ``1 - momentum**t`` is 1 in float32 (``momentum**t < 2**-26``).
+
+  Equinox's debiasing then leaves the statistics as they are, now and after
+  further updates (a settled moving average).
+  """
+  m = float(momentum)
+  if m <= 0 or m >= 1:
+    return 1  # nothing to debias: 0**t is 0; momentum 1 never updates
+  return math.ceil(26 * math.log(2) / -math.log(m))
 
 
 # --------------------------------------------------------------------------

@@ -41,6 +41,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ from jaxbn.core import bn_train
 from jaxbn.core import merge_options
 from jaxbn.numerics import stats_dtype
 
-__all__ = ("PARAM_NAMES", "STAT_NAMES", "BNLayer", "input_feature_shape")
+__all__ = ("PARAM_NAMES", "PORTED_COUNT", "STAT_NAMES", "BNLayer", "input_feature_shape")
 
 PARAM_NAMES: tuple[str, ...] = BNParams._fields
 """Every params entry a layer can store."""
@@ -72,6 +73,23 @@ PARAM_NAMES: tuple[str, ...] = BNParams._fields
 _ACC = tuple(f"acc_{name}" for name in numerics.Moments._fields)
 STAT_NAMES: tuple[str, ...] = (*BNState._fields, *_ACC)
 """Every statistics entry a layer can store (``'batch_stats'`` in linen)."""
+
+
+PORTED_COUNT = 2.0**40
+"""``BNState.count`` given to carried-over statistics when their count is not known.
+
+PyTorch (:mod:`jaxbn.torch`) and Equinox (:func:`jaxbn.equinox.from_equinox`)
+do not record how many values entered their running statistics. A
+count of 0 would make the first ``ema_warmup`` or ``momentum=None`` update
+replace them by the first batch's; this count makes them weigh as the
+statistics of a data set far larger than any batch instead: with
+``ema_warmup=True`` the update is exactly the plain EMA (torch's) for every
+batch of fewer than ``PORTED_COUNT * (1 - momentum) / momentum`` values per
+feature (1.2e11 at momentum 0.9), and with ``momentum=None`` a batch of ``n``
+values moves them by the weight ``n / (PORTED_COUNT + n)``. It is a power of 2,
+exact in float32, and small enough that ``var * count`` stays finite for any
+variance below 3e26.
+"""
 
 
 def input_feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:
@@ -257,6 +275,25 @@ class BNLayer:
     return BNParams(**p), state
 
   # ------------------------------------------------------------------
+  # 0.2's framework methods, now functions of the faces (kept for one release)
+
+  def read_linen(self, variables: Mapping[str, Any]) -> tuple[BNParams, BNState | BNAccState]:
+    """Deprecated: :func:`jaxbn.linen.read_variables` ``(variables, layer)``."""
+    return _moved("read_linen", "jaxbn.linen", "read_variables")(variables, self)
+
+  def write_linen(self, params: BNParams, state: BNState) -> dict[str, dict[str, Any]]:
+    """Deprecated: :func:`jaxbn.linen.write_variables` ``(params, state, layer)``."""
+    return _moved("write_linen", "jaxbn.linen", "write_variables")(params, state, self)
+
+  def read_nnx(self, module: Any) -> tuple[BNParams, BNState | BNAccState]:
+    """Deprecated: :func:`jaxbn.nnx.read_module` ``(module, layer)``."""
+    return _moved("read_nnx", "jaxbn.nnx", "read_module")(module, self)
+
+  def write_nnx(self, module: Any, params: BNParams | None, state: BNState | None) -> Any:
+    """Deprecated: :func:`jaxbn.nnx.write_module` ``(module, params, state, layer)``."""
+    return _moved("write_nnx", "jaxbn.nnx", "write_module")(module, params, state, self)
+
+  # ------------------------------------------------------------------
   # Normalization
 
   def normalize(
@@ -294,3 +331,14 @@ class BNLayer:
       if where is None:
         raise
       raise StateMismatchError(f"{where}: {e}") from None
+
+
+def _moved(method: str, module: str, name: str) -> Any:
+  """The face's function that replaces ``BNLayer.method``, with a FutureWarning."""
+  warnings.warn(
+    f"BNLayer.{method} is deprecated: use {module}.{name}(..., layer) (the framework's own "
+    f"module holds its variables' reading and writing)",
+    FutureWarning,
+    stacklevel=3,
+  )
+  return getattr(importlib.import_module(module), name)

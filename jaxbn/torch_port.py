@@ -2,7 +2,8 @@
 
 The PyTorch port was this one module before it became the package
 :mod:`jaxbn.torch`, which has the same public names. Importing
-``jaxbn.torch_port`` warns with a :class:`DeprecationWarning` and re-exports
+``jaxbn.torch_port`` warns with a :class:`FutureWarning` (shown by default,
+whichever frame the import machinery charges it to) and re-exports
 them: ``from jaxbn.torch_port import from_torch`` becomes
 ``from jaxbn.torch import from_torch``.
 """
@@ -26,7 +27,7 @@ from jaxbn.torch import torch_settings
 
 # stacklevel=2: the module that imports this one (the import machinery's frames are skipped).
 warnings.warn(
-  "jaxbn.torch_port is deprecated: use jaxbn.torch (same names)", DeprecationWarning, stacklevel=2
+  "jaxbn.torch_port is deprecated: use jaxbn.torch (same names)", FutureWarning, stacklevel=2
 )
 
 __all__ = (

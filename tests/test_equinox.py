@@ -197,6 +197,16 @@ def test_ema_mode_normalizes_with_the_updated_running_statistics():
   np.testing.assert_allclose(state.get(bn.ema_state_index)[0], mean, rtol=1e-5)
 
 
+def test_ema_mode_is_filled_by_the_first_batch_that_can_fill_it():
+  bn, state = eqx.nn.make_with_state(jeqx.BatchNorm)(2, BATCH, momentum=0.9, mode="ema")
+  _, state = _vmapped(bn)(_x((1, 2), seed=1), state)  # one value per feature: nothing to fill
+  assert bool(state.get(bn.ema_first_time_index))
+  x = _x((12, 2), seed=2, loc=5.0)
+  _, state = _vmapped(bn)(x, state)
+  assert not bool(state.get(bn.ema_first_time_index))
+  np.testing.assert_allclose(state.get(bn.ema_state_index)[0], np.asarray(x).mean(0), rtol=1e-5)
+
+
 def test_ema_mode_before_training_is_not_equinox_316x():
   x = _x((4, 3), seed=3)
   ours, s = eqx.nn.make_with_state(jeqx.BatchNorm)(3, BATCH, mode="ema", inference=True)
@@ -337,10 +347,55 @@ def test_from_equinox_carries_a_trained_model_over(mode):
   want, _ = _vmapped(eqx.nn.inference_mode(model))(x, state)
   got, _ = _vmapped(eqx.nn.inference_mode(new))(x, new_state)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  # Training goes on from the carried state as equinox's would.
-  want, _ = _vmapped(model)(x, state)
-  got, _ = _vmapped(new)(x, new_state)
+  # Training goes on from the carried state as equinox's would: the same outputs, and the
+  # same inference after the step (the running statistics moved alike).
+  want, state = _vmapped(model)(x, state)
+  got, new_state = _vmapped(new)(x, new_state)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  want, _ = _vmapped(eqx.nn.inference_mode(model))(x, state)
+  got, _ = _vmapped(eqx.nn.inference_mode(new))(x, new_state)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_from_equinox_into_an_exact_average_keeps_inference_and_the_statistics():
+  old, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, BATCH, mode="batch")
+  for s in range(3):
+    _, state = _vmapped(old)(_x((16, 3), seed=s, loc=4.0), state)
+  opts = jaxbn.BNOptions(ema_warmup=True)
+  new, new_state = jeqx.from_equinox(old, state, options=opts)
+  x = _x((5, 3), seed=30)
+  with jax.numpy_dtype_promotion("standard"):  # equinox's inference: float ** int32
+    want, _ = _vmapped(eqx.nn.inference_mode(old))(x, state)
+  got, _ = _vmapped(eqx.nn.inference_mode(new))(x, new_state)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  _, before = new.running(new_state)
+  np.testing.assert_array_equal(new.read(new_state)[1].count, jaxbn.layer.PORTED_COUNT)
+  x2 = _x((16, 3), seed=31, loc=-4.0)
+  _, new_state = _vmapped(new)(x2, new_state)
+  _, after = new.running(new_state)  # one batch among many: the plain EMA, not a replacement
+  want = 0.99 * np.asarray(before.mean) + 0.01 * np.asarray(x2).mean(0)
+  np.testing.assert_allclose(after.mean, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"options sets \['momentum'\]"):
+    jeqx.from_equinox(old, state, options=jaxbn.BNOptions(momentum=0.9))
+
+
+def test_from_equinox_keeps_the_model_order_of_the_state(tmp_path):
+  def make(bn_cls):
+    key = jax.random.key(4)
+    return eqx.nn.Sequential(
+      [
+        bn_cls(3, BATCH, mode="batch"),
+        eqx.nn.SpectralNorm(eqx.nn.Linear(3, 3, key=key), "weight", key=key),
+      ]
+    )
+
+  model, state = eqx.nn.make_with_state(make)(eqx.nn.BatchNorm)
+  _, new_state = jeqx.from_equinox(model, state)
+  eqx.tree_serialise_leaves(tmp_path / "m.eqx", new_state)
+  _, like = eqx.nn.make_with_state(make)(jeqx.BatchNorm)
+  loaded = eqx.tree_deserialise_leaves(tmp_path / "m.eqx", like)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(new_state), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_population_stats_of_an_equinox_model_are_the_data_sets():
@@ -355,7 +410,15 @@ def test_population_stats_of_an_equinox_model_are_the_data_sets():
   _, s = model.layers[1].running(state)
   np.testing.assert_allclose(s.mean, h.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(s.var, h.var(0), rtol=1e-5, atol=1e-6)
-  assert int(model.layers[1].read(state)[1].step) == 0  # used as stored
+  # Inference uses them as stored (equinox's debiasing divides by 1), and still does after
+  # one more training step, which moves them by 1 - momentum.
+  x = _x((16, 6), seed=9, loc=1.0)
+  _, state = _vmapped(model)(x, state)
+  _, after = model.layers[1].running(state)
+  hx = np.asarray(jax.vmap(first)(x), np.float64)
+  np.testing.assert_allclose(after.mean, 0.99 * h.mean(0) + 0.01 * hx.mean(0), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"take one example at a time .*forward=lambda"):
+    jeqx.equinox_population_stats(model, state, xs)
 
 
 def test_fold_equinox_equals_the_inference_model():
@@ -381,6 +444,16 @@ def test_fold_equinox_folds_a_conv_and_refuses_what_it_cannot_fold():
   x = _x((4, 2, 5, 5), seed=22, loc=1.0)
   _, state = _vmapped(model)(x, state)
   folded = jeqx.fold_equinox(model, state)
+  want, _ = _vmapped(eqx.nn.inference_mode(model))(x, state)
+  np.testing.assert_allclose(jax.vmap(folded)(x), want, rtol=1e-5, atol=1e-5)
+  # A convolution with a bias of its own, (out, 1, 1), folds too.
+  make = lambda: eqx.nn.Sequential(
+    [eqx.nn.Conv2d(2, 3, 3, key=key), jeqx.BatchNorm(3, BATCH, mode="batch")]
+  )
+  model, state = eqx.nn.make_with_state(make)()
+  _, state = _vmapped(model)(x, state)
+  folded = jeqx.fold_equinox(model, state)
+  assert folded.layers[0].bias.shape == (3, 1, 1)
   want, _ = _vmapped(eqx.nn.inference_mode(model))(x, state)
   np.testing.assert_allclose(jax.vmap(folded)(x), want, rtol=1e-5, atol=1e-5)
   with warnings.catch_warnings():

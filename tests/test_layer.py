@@ -359,3 +359,26 @@ def test_fold_nnx_names_the_layer_it_cannot_fold():
     jaxbn.fold_nnx(net, jnp.ones((2, 5)))
   with pytest.raises(TypeError, match=r"Net has no fold_pairs\(\)"):
     jaxbn.fold_nnx(net)
+
+
+def test_the_02_names_of_the_moved_functions_warn_and_forward():
+  import jaxbn.models
+
+  with pytest.warns(FutureWarning, match=r"jaxbn\.models\.fold_linen is deprecated"):
+    assert jaxbn.models.fold_linen is jaxbn.linen.fold_linen
+  with pytest.warns(FutureWarning, match=r"jaxbn\.models\.FoldedBatchNorm is deprecated"):
+    assert jaxbn.models.FoldedBatchNorm is jaxbn.nnx.FoldedBatchNorm
+  stats = {"mean": jnp.array([1.0, 2.0]), "var": jnp.array([4.0, 1.0])}
+  layer = BNLayer((2,), jaxbn.BNOptions(momentum=None))
+  with pytest.warns(FutureWarning, match=r"BNLayer\.read_linen is deprecated"):
+    params, state = layer.read_linen(stats)
+  np.testing.assert_array_equal(state.var, stats["var"])
+  with pytest.warns(FutureWarning, match=r"BNLayer\.write_linen is deprecated"):
+    assert sorted(layer.write_linen(params, state)["batch_stats"]) == ["count", "mean", "var"]
+  bn = jbx.BatchNorm(2, momentum=None, rngs=nnx.Rngs(0))
+  with pytest.warns(FutureWarning, match=r"BNLayer\.write_nnx is deprecated"):
+    layer.write_nnx(bn, params, state)
+  with pytest.warns(FutureWarning, match=r"BNLayer\.read_nnx is deprecated"):
+    np.testing.assert_array_equal(layer.read_nnx(bn)[1].mean, stats["mean"])
+  with pytest.raises(AttributeError, match="no attribute 'fold_anything'"):
+    jaxbn.models.fold_anything  # noqa: B018

@@ -92,9 +92,14 @@ def test_torch_port_is_a_deprecated_alias_of_jaxbn_torch(monkeypatch):
     monkeypatch.setitem(namespace, key, None)  # records the entry (or its absence) to restore
     monkeypatch.delitem(namespace, key)
   message = r"jaxbn\.torch_port is deprecated: use jaxbn\.torch \(same names\)"
-  with pytest.warns(DeprecationWarning, match=message) as w:
+  with pytest.warns(FutureWarning, match=message) as w:
     import jaxbn.torch_port as old
   assert [r.filename for r in w] == [__file__]  # stacklevel: the warning points at the import
+  # `from jaxbn import torch_port` (0.2's spelling) warns too, shown by default.
+  monkeypatch.delitem(sys.modules, "jaxbn.torch_port")
+  monkeypatch.delitem(vars(jaxbn), "torch_port")
+  with pytest.warns(FutureWarning, match=message):
+    from jaxbn import torch_port  # noqa: F401
   assert old.__all__ == jtorch.__all__
   assert all(getattr(old, name) is getattr(jtorch, name) for name in jtorch.__all__)
 

@@ -39,6 +39,10 @@ References:
   three hidden layers of 100 sigmoid units).
 """
 
+import importlib
+import warnings
+from typing import Any
+
 from jaxbn.models.common import PREACTIVATION
 from jaxbn.models.functional import apply_cnn
 from jaxbn.models.functional import apply_mlp
@@ -62,3 +66,22 @@ __all__ = (
   "init_cnn",
   "init_mlp",
 )
+
+# 0.2's names of the folds, now in their framework's module: name -> module (one release).
+_MOVED = {
+  "fold_linen": "jaxbn.linen",
+  "FoldedLinen": "jaxbn.linen",
+  "fold_nnx": "jaxbn.nnx",
+  "FoldedBatchNorm": "jaxbn.nnx",
+}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _MOVED:
+    raise AttributeError(f"module 'jaxbn.models' has no attribute {name!r}")
+  warnings.warn(
+    f"jaxbn.models.{name} is deprecated: use {_MOVED[name]}.{name} (the same object)",
+    FutureWarning,
+    stacklevel=2,
+  )
+  return getattr(importlib.import_module(_MOVED[name]), name)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.layer import PORTED_COUNT
 from jaxbn.layer import BNLayer
 from jaxbn.numerics import stats_dtype
 
@@ -31,21 +32,6 @@ __all__ = (
   "to_torch",
   "torch_settings",
 )
-
-PORTED_COUNT = 2.0**40
-"""``BNState.count`` given to ported statistics when their count is not known.
-
-PyTorch does not record how many values entered its running statistics. A
-count of 0 would make the first ``ema_warmup`` or ``momentum=None`` update
-replace them by the first batch's; this count makes them weigh as the
-statistics of a data set far larger than any batch instead: with
-``ema_warmup=True`` the update is exactly the plain EMA (torch's) for every
-batch of fewer than ``PORTED_COUNT * (1 - momentum) / momentum`` values per
-feature (1.2e11 at momentum 0.9), and with ``momentum=None`` a batch of ``n``
-values moves them by the weight ``n / (PORTED_COUNT + n)``. It is a power of 2,
-exact in float32, and small enough that ``var * count`` stays finite for any
-variance below 3e26.
-"""
 
 
 def _torch():
