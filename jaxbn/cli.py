@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import NoReturn
 
+from jaxbn.extras import MissingExtraError
 from jaxbn.reproduce.config import QUICK
 from jaxbn.reproduce.config import Config
 from jaxbn.reproduce.config import load_data
@@ -237,6 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_out(args.out)
   except OSError as e:
     _error(sub, "--out", f"cannot create or write to {args.out!r} ({e.strerror or e}).")
+  try:
+    return _run(config, args.out)
+  except MissingExtraError as e:  # a missing extra is one line, not a traceback
+    parser.exit(1, f"jaxbn {args.command}: error: {e}\n")
+
+
+def _run(config: Config, out: str) -> int:
+  """Runs the reproduction and writes its report, results and figures into ``out``."""
   # Imported here, not at the top: optax and flax (training), matplotlib (figures).
   from jaxbn.reproduce.figures import write_figures
   from jaxbn.reproduce.run import reproduce
@@ -245,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   # The report first: it is the result, and should show even if writing files fails.
   report = format_report(results)
   print(f"\n{report}", flush=True)
-  paths = [write_results(results, args.out), write_report(report, args.out)]
-  paths += write_figures(results, args.out)
+  paths = [write_results(results, out), write_report(report, out)]
+  paths += write_figures(results, out)
   print(f"\nwrote {', '.join(paths)}")
   return 0
 

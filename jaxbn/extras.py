@@ -22,6 +22,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+
+class MissingExtraError(ImportError):
+  """An optional dependency is not installed; the message names the extra that installs it."""
+
+
 # Top-level module -> (the distribution that provides it, the extra that installs it).
 OPTIONAL: dict[str, tuple[str, str]] = {
   "orbax": ("orbax-checkpoint", "train"),
@@ -45,8 +50,9 @@ def require(module: str, what: str) -> ModuleType:
     The imported module.
 
   Raises:
-    ImportError: the package is not installed; the message names ``what``,
-      the distribution and the extra that installs it, e.g.
+    MissingExtraError: (an ``ImportError``) the package is not installed;
+      the message names ``what``, the distribution and the extra that
+      installs it, e.g.
       ``jaxbn.data.load_digits needs scikit-learn: pip install 'jaxbn[reproduce]'``.
       An error raised while importing an installed package propagates as it is.
 
@@ -64,4 +70,4 @@ def require(module: str, what: str) -> ModuleType:
   except ModuleNotFoundError as e:
     if e.name is None or e.name.partition(".")[0] != top:
       raise  # the package is there but one of its own dependencies is not
-    raise ImportError(f"{what} needs {distribution}: pip install 'jaxbn[{extra}]'") from e
+    raise MissingExtraError(f"{what} needs {distribution}: pip install 'jaxbn[{extra}]'") from e

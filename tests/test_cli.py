@@ -214,6 +214,21 @@ def test_bad_arguments_and_files_are_clear_errors(tmp_path, capsys, no_training,
   _check_one_line_error(err)
 
 
+@pytest.mark.parametrize("missing", ["sklearn", "matplotlib"])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys, missing):
+  for name in [n for n in sys.modules if n == missing or n.startswith(missing + ".")] + [missing]:
+    monkeypatch.setitem(sys.modules, name, None)  # as if not installed (undone after the test)
+  monkeypatch.delitem(sys.modules, "jaxbn.reproduce.figures", raising=False)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["reproduce", "--quick", "--seeds", "1", "--out", str(tmp_path / "out")])
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err
+  _check_one_line_error(err)
+  assert (
+    err.strip().startswith("jaxbn reproduce: error: ") and "pip install 'jaxbn[reproduce]'" in err
+  )
+
+
 def test_the_command_line_loads_no_framework():
   # `jaxbn --help` stays fast: training, figures and data sets load when a command runs.
   heavy = ("flax", "optax", "matplotlib", "sklearn", "tqdm", "orbax", "equinox", "torch")
