@@ -37,9 +37,7 @@ import argparse
 import importlib.metadata
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,8 @@ from pathlib import Path
 
 from flax_suite import _cause
 from flax_suite import candidate_tests
+from suite_common import run_pytest as run_pytest_with_plugin
+from suite_common import without_device_count
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = REPO / "scripts" / "equinox_tests"
@@ -88,50 +88,20 @@ def run_pytest(root: Path, mode: str, files: list[str], select, workers: int) ->
   """
   global _runs
   _runs += 1
-  select_path = root / f"select-{_runs}-{mode}.json"
-  out_path = root / f"results-{_runs}-{mode}.json"
-  select_path.write_text(json.dumps(select))
-  env = dict(os.environ)
-  env.update(
-    EQX_SUITE_MODE=mode,
-    EQX_SUITE_SELECT=str(select_path),
-    EQX_SUITE_OUT=str(out_path),
-    JAX_PLATFORMS="cpu",
+  t0 = time.monotonic()
+  proc, out_path = run_pytest_with_plugin(
+    root,
+    plugin="eqx_suite_plugin",
+    prefix="EQX_SUITE",
+    tag=f"{_runs}-{mode}",
+    mode=mode,
+    select=select,
+    files=files,
+    workers=workers,
     # equinox's conftest.py sets jax_num_cpu_devices to 2; a device count in
     # XLA_FLAGS would contradict it.
-    XLA_FLAGS=re.sub(
-      r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")
-    ).strip(),
-    PYTHONPATH=os.pathsep.join(
-      [str(REPO / "scripts"), str(REPO), *filter(None, [env.get("PYTHONPATH")])]
-    ),
-  )
-  (root / "pytest.ini").write_text("[pytest]\n")  # neither equinox's settings nor jaxbn's
-  cmd = [
-    sys.executable,
-    "-m",
-    "pytest",
-    "-c",
-    str(root / "pytest.ini"),
-    "--rootdir",
-    str(root),
-    "-p",
-    "eqx_suite_plugin",
-    "-p",
-    "no:randomly",
-    "-p",
-    "no:cacheprovider",
-    "-q",
-    "--no-header",
-    "--tb=no",
-    "-rN",
-    "--continue-on-collection-errors",
-    *(["-n", str(workers)] if workers > 1 else ["-p", "no:xdist"]),
-    *files,
-  ]
-  t0 = time.monotonic()
-  proc = subprocess.run(
-    cmd, cwd=root, env=env, capture_output=True, text=True, timeout=PER_RUN_TIMEOUT_S
+    env={"XLA_FLAGS": without_device_count(os.environ.get("XLA_FLAGS"))},
+    timeout=PER_RUN_TIMEOUT_S,
   )
   _timings.append(f"{mode} {time.monotonic() - t0:.0f} s")
   if out_path.exists():

@@ -18,13 +18,13 @@ Environment:
 """
 
 import functools
-import inspect
 import json
 import os
 import sys
 import traceback
 
 import pytest
+from suite_common import keep_selected
 
 MODE = os.environ.get("EQX_SUITE_MODE", "control")
 _current = None  # the test item running in this process
@@ -106,26 +106,8 @@ def pytest_configure(config):
   config._eqx_suite_batchnorm = (original, equinox.nn.BatchNorm)
 
 
-def _qualname(item):
-  fn = getattr(item, "obj", None)
-  fn = inspect.unwrap(fn) if callable(fn) else fn
-  return getattr(fn, "__qualname__", item.name)
-
-
 def pytest_collection_modifyitems(session, config, items):
-  with open(os.environ["EQX_SUITE_SELECT"]) as f:
-    select = json.load(f)
-  if isinstance(select, list):
-    wanted = set(select)
-    keep = [it for it in items if it.nodeid in wanted]
-  else:
-    wanted = {(path, q) for path, names in select.items() for q in names}
-    keep = [it for it in items if (it.nodeid.split("::")[0], _qualname(it)) in wanted]
-  kept = {id(it) for it in keep}
-  dropped = [it for it in items if id(it) not in kept]
-  if dropped:
-    config.hook.pytest_deselected(items=dropped)
-  items[:] = keep
+  keep_selected(config, items, os.environ["EQX_SUITE_SELECT"])
 
 
 def pytest_collection_finish(session):

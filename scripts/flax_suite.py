@@ -43,6 +43,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from suite_common import run_pytest as run_pytest_with_plugin
+from suite_common import without_device_count
+
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("tests/linen", "tests/nnx")
 PER_RUN_TIMEOUT_S = 900
@@ -185,51 +188,23 @@ def run_pytest(
   """
   global _runs
   _runs += 1
-  select_path = root / f"select-{_runs}-{mode}.json"
-  out_path = root / f"results-{_runs}-{mode}.json"
-  select_path.write_text(json.dumps(select))
-  env = dict(os.environ)
-  env.update(
-    FLAX_SUITE_MODE=mode,
-    FLAX_SUITE_SELECT=str(select_path),
-    FLAX_SUITE_OUT=str(out_path),
-    FLAX_SUITE_STOP="1" if stop else "0",
-    JAX_PLATFORMS="cpu",
-    # As flax's own CI: 4 host devices for its sharding tests.
-    XLA_FLAGS=" ".join(
-      [
-        re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")),
-        "--xla_force_host_platform_device_count=4",
-      ]
-    ).strip(),
-    PYTHONPATH=os.pathsep.join(
-      [str(REPO / "scripts"), str(REPO), *filter(None, [env.get("PYTHONPATH")])]
-    ),
-  )
-  (root / "pytest.ini").write_text("[pytest]\n")  # neither flax's settings nor jaxbn's
-  cmd = [
-    sys.executable,
-    "-m",
-    "pytest",
-    "-c",
-    str(root / "pytest.ini"),
-    "--rootdir",
-    str(root),
-    "-p",
-    "flax_suite_plugin",
-    "-p",
-    "no:cacheprovider",
-    "-q",
-    "--no-header",
-    "--tb=no",
-    "-rN",
-    "--continue-on-collection-errors",
-    *(["-n", str(workers)] if workers > 1 else ["-p", "no:xdist"]),
-    *files,
-  ]
   t0 = time.monotonic()
-  proc = subprocess.run(
-    cmd, cwd=root, env=env, capture_output=True, text=True, timeout=PER_RUN_TIMEOUT_S
+  proc, out_path = run_pytest_with_plugin(
+    root,
+    plugin="flax_suite_plugin",
+    prefix="FLAX_SUITE",
+    tag=f"{_runs}-{mode}",
+    mode=mode,
+    select=select,
+    files=files,
+    workers=workers,
+    # As flax's own CI: 4 host devices for its sharding tests.
+    env={
+      "FLAX_SUITE_STOP": "1" if stop else "0",
+      "XLA_FLAGS": without_device_count(os.environ.get("XLA_FLAGS"))
+      + " --xla_force_host_platform_device_count=4",
+    },
+    timeout=PER_RUN_TIMEOUT_S,
   )
   _timings.append(f"{mode}{' (stop at BatchNorm)' if stop else ''} {time.monotonic() - t0:.0f} s")
   if not out_path.exists():

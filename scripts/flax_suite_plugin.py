@@ -16,12 +16,12 @@ Environment:
 """
 
 import functools
-import inspect
 import json
 import os
 import sys
 
 import pytest
+from suite_common import keep_selected
 
 MODE = os.environ.get("FLAX_SUITE_MODE", "record")
 STOP_AT_BATCHNORM = MODE == "record" and os.environ.get("FLAX_SUITE_STOP") == "1"
@@ -128,26 +128,8 @@ def pytest_configure(config):
     _instrument(flax.nnx.BatchNorm, "nnx")
 
 
-def _qualname(item):
-  fn = getattr(item, "obj", None)
-  fn = inspect.unwrap(fn) if callable(fn) else fn
-  return getattr(fn, "__qualname__", item.name)
-
-
 def pytest_collection_modifyitems(session, config, items):
-  with open(os.environ["FLAX_SUITE_SELECT"]) as f:
-    select = json.load(f)
-  if isinstance(select, list):
-    wanted = set(select)
-    keep = [it for it in items if it.nodeid in wanted]
-  else:
-    wanted = {(path, q) for path, names in select.items() for q in names}
-    keep = [it for it in items if (it.nodeid.split("::")[0], _qualname(it)) in wanted]
-  kept = {id(it) for it in keep}
-  dropped = [it for it in items if id(it) not in kept]
-  if dropped:
-    config.hook.pytest_deselected(items=dropped)
-  items[:] = keep
+  keep_selected(config, items, os.environ["FLAX_SUITE_SELECT"])
 
 
 def pytest_collection_finish(session):
