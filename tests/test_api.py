@@ -11,6 +11,19 @@ import jaxbn
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _python(code):
+  """Runs ``code`` in a fresh interpreter (this checkout's jaxbn); returns what it printed."""
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.strip()
+
+
 def _eager_names():
   """The names jaxbn/__init__.py imports eagerly (its module-level `import` statements)."""
   tree = ast.parse((ROOT / "jaxbn" / "__init__.py").read_text())
@@ -42,15 +55,7 @@ def test_every_lazy_name_resolves_to_what_its_module_exports():
 def test_import_jaxbn_imports_no_framework():
   frameworks = ("flax", "optax", "equinox", "torch", "orbax", "sklearn", "matplotlib", "tqdm")
   code = f"import sys, jaxbn; print([m for m in {frameworks!r} if m in sys.modules])"
-  proc = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.strip() == "[]"
+  assert _python(code) == "[]"
 
 
 def test_star_import_needs_no_optional_package():
@@ -61,11 +66,4 @@ for name in ("torch", "equinox", "orbax", "sklearn", "matplotlib", "tqdm"):
 from jaxbn import *
 print(sorted(k for k in dir() if not k.startswith("_"))[:3])
 """
-  proc = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
+  _python(code)
