@@ -220,10 +220,12 @@ def merge_options(fn: str, options: Any, overrides: dict[str, Any]) -> BNOptions
   if options is None:
     options = DEFAULTS
   elif not isinstance(options, BNOptions):
+    # bn_train and bn_infer take options 4th, after params, state and x.
+    where = " (the 4th positional argument)" if fn in ("bn_train", "bn_infer") else ""
     raise TypeError(
-      f"{fn}: options (the 4th positional argument) must be a jaxbn.BNOptions or None, got "
-      f"{type(options).__name__}; pass the other options as keywords, e.g. {fn}(params, "
-      f"state, x, momentum=0.9)."
+      f"{fn}: options{where} must be a jaxbn.BNOptions or None, got "
+      f"{type(options).__name__}; pass the other options as keywords, e.g. momentum=0.9, "
+      f"or as jaxbn.BNOptions(momentum=0.9)."
     )
   given = {k: v for k, v in overrides.items() if v is not FROM_OPTIONS}
   return options._replace(**given) if given else options

@@ -316,7 +316,7 @@ def test_gradient_accumulation_updates_once_per_cycle():
     ({"mode": "fast"}, "mode must be 'batch' or 'ema'"),
     ({"mode": "batch", "options": jaxbn.BNOptions(axis=0)}, "channel axis"),
     ({"mode": "ema", "options": jaxbn.BNOptions(ghost_batch_size=2)}, "mode='batch'"),
-    ({"mode": "batch", "options": {"momentum": 0.9}}, "BNOptions"),
+    ({"mode": "batch", "options": {"momentum": 0.9}}, r"BatchNorm: options must be a jaxbn.BNOpt"),
   ],
 )
 def test_bad_construction_names_the_argument(kwargs, match):
