@@ -317,8 +317,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if self.mode == "batch" and o.momentum is not None and not o.ema_warmup:
       t = s.step // o.accumulate_steps
       dt = s.mean.dtype
-      factor = 1 - jnp.power(jnp.asarray(o.momentum, dt), t.astype(dt))
-      factor = jnp.where((t == 0) | (factor <= 0), 1, factor)  # no update yet, or momentum 1
+      factor = _debias_factor(o.momentum, t, dt)
       s = s._replace(mean=s.mean / factor, var=s.var / factor)
     return params, s
 
@@ -385,6 +384,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     filled = jnp.all((m.count > 1) & jnp.isfinite(m.mean) & jnp.isfinite(m.m2))
     state = state.set(self.ema_first_time_index, first & ~filled)
     return y, self.write(state, jax.lax.stop_gradient(new))
+
+
+def _debias_factor(momentum: float, t: jax.Array, dtype: Any) -> jax.Array:
+  """Equinox's zero-debiasing divisor ``1 - momentum**t``; 1 before any update (or momentum 1)."""
+  factor = 1 - jnp.power(jnp.asarray(momentum, dtype), t.astype(dtype))
+  return jnp.where((t == 0) | (factor <= 0), 1, factor)
 
 
 def _batch_norms(model: Any, kind: type = BatchNorm) -> dict[str, Any]:
@@ -518,8 +523,7 @@ def _carried(old: Any, new: BatchNorm, state: Any, fresh: BNState) -> BNState:
   o = new.options
   keeps_average = o.momentum is None or o.ema_warmup
   if old.mode == "batch" and keeps_average:  # store what equinox's inference used
-    factor = 1 - jnp.power(jnp.asarray(old.momentum, sdt), t.astype(sdt))
-    factor = jnp.where(trained & (factor > 0), factor, 1)
+    factor = _debias_factor(old.momentum, t, sdt)
     mean, var, t = mean / factor, var / factor, jnp.zeros_like(t)
   count = jnp.where(trained, jnp.asarray(PORTED_COUNT, sdt), fresh.count)
   return fresh._replace(mean=mean, var=var, count=count, step=t)
