@@ -4,7 +4,8 @@ The pure core imports only jax, chex and numpy: ``bn_init``, ``bn_train`` and
 ``bn_infer`` (:mod:`jaxbn.core`), statistics and their exact merges
 (:mod:`jaxbn.numerics`), one layer's variables in every form
 (:class:`BNLayer`, :mod:`jaxbn.layer`), population statistics
-(:mod:`jaxbn.population`) and folding one layer (:mod:`jaxbn.folding`).
+(:mod:`jaxbn.population`) and folding one layer (:mod:`jaxbn.folding`); assertions for
+tests built on chex (:mod:`jaxbn.testing`) load on first use.
 Everything built on frameworks is imported on first use: the flax shells (:mod:`jaxbn.linen`,
 :mod:`jaxbn.nnx`), models (:mod:`jaxbn.models`), optax training
 (:mod:`jaxbn.training`), the PyTorch port (:mod:`jaxbn.torch`), the Equinox
@@ -16,6 +17,7 @@ tqdm, torch or equinox.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 from typing import Any
 
 from jaxbn import layer
@@ -38,7 +40,39 @@ from jaxbn.layer import BNLayer
 from jaxbn.numerics import stats_dtype
 from jaxbn.population import population_stats
 
-__version__ = "0.2.0"
+# The lazy names below (_LAZY), for type checkers; at run time __getattr__ imports them.
+if TYPE_CHECKING:
+  from jaxbn import cli as cli
+  from jaxbn import data as data
+  from jaxbn import engine as engine
+  from jaxbn import equinox as equinox
+  from jaxbn import linen as linen
+  from jaxbn import models as models
+  from jaxbn import nnx as nnx
+  from jaxbn import reproduce as reproduce
+  from jaxbn import testing as testing
+  from jaxbn import torch as torch
+  from jaxbn import torch_port as torch_port
+  from jaxbn import training as training
+  from jaxbn.linen import fold_linen as fold_linen
+  from jaxbn.linen import linen_population_stats as linen_population_stats
+  from jaxbn.models import fold_params as fold_params
+  from jaxbn.nnx import fold_nnx as fold_nnx
+  from jaxbn.nnx import nnx_population_stats as nnx_population_stats
+  from jaxbn.torch import TorchSettings as TorchSettings
+  from jaxbn.torch import from_torch as from_torch
+  from jaxbn.torch import from_torch_linen as from_torch_linen
+  from jaxbn.torch import from_torch_nnx as from_torch_nnx
+  from jaxbn.torch import to_torch as to_torch
+  from jaxbn.torch import torch_settings as torch_settings
+  from jaxbn.training import TrainState as TrainState
+  from jaxbn.training import bn_weight_decay_mask as bn_weight_decay_mask
+  from jaxbn.training import create_train_state as create_train_state
+  from jaxbn.training import eval_step as eval_step
+  from jaxbn.training import fit as fit
+  from jaxbn.training import train_step as train_step
+
+__version__ = "0.3.0"
 
 # Lazy names reachable as attributes but left out of dir() and `from jaxbn import *`:
 # equinox needs its extra to import; torch_port is jaxbn.torch's deprecated old name.
@@ -56,6 +90,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
   "torch": ("jaxbn.torch", None),
   "equinox": ("jaxbn.equinox", None),
   "torch_port": ("jaxbn.torch_port", None),
+  "testing": ("jaxbn.testing", None),
   "training": ("jaxbn.training", None),
   "linen_population_stats": ("jaxbn.linen", "linen_population_stats"),
   "nnx_population_stats": ("jaxbn.nnx", "nnx_population_stats"),
@@ -137,6 +172,7 @@ __all__ = (
   "renorm_schedule",
   "reproduce",
   "stats_dtype",
+  "testing",
   "to_torch",
   "torch",
   "torch_settings",

@@ -21,8 +21,10 @@ import errno
 import os
 import sys
 import tempfile
+from collections.abc import Iterable
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import Any
 from typing import NoReturn
 
 from jaxbn.extras import MissingExtraError
@@ -33,8 +35,10 @@ from jaxbn.reproduce.report import format_report
 from jaxbn.reproduce.report import write_report
 from jaxbn.reproduce.report import write_results
 
+__all__ = ("main",)
 
-def _spaced(values) -> str:
+
+def _spaced(values: Iterable[object]) -> str:
   """Values as one types them after a flag: ``0.01 0.1 2``."""
   return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -216,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.error("--data is for --dataset mnist; the digits are bundled with scikit-learn.")
   # The preset, then every configuration flag given on the command line.
   given = vars(args)
-  changes = {
+  changes: dict[str, Any] = {
     f.name: tuple(v) if isinstance(v, list) else v
     for f in fields(Config)
     if (v := given.get(f.name)) is not None

@@ -42,11 +42,17 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
+from typing import Literal
 from typing import NamedTuple
+from typing import TypeVar
+from typing import cast
+from typing import overload
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
@@ -55,18 +61,44 @@ from jax.custom_derivatives import SymbolicZero
 from jaxbn import numerics
 from jaxbn.numerics import stats_dtype
 
+__all__ = (
+  "DEFAULTS",
+  "FROM_OPTIONS",
+  "MOMENTS_NAME",
+  "SHIFT_NAME",
+  "BNAccState",
+  "BNOptions",
+  "BNParams",
+  "BNState",
+  "Renorm",
+  "SingleValueWarning",
+  "StateMismatchError",
+  "bn_infer",
+  "bn_init",
+  "bn_moments",
+  "bn_train",
+  "bn_update",
+  "checkpoint_names",
+  "empty_accumulator",
+  "merge_options",
+  "renorm_schedule",
+)
+
 Array = jax.Array
 Axis = int | Sequence[int]
 Schedule = float | Callable[[Array], Array]
 
 SHIFT_NAME = "jaxbn_shift"
+"""The remat name of the shift of ``bn_train``'s shifted moments."""
 MOMENTS_NAME = "jaxbn_moments"
-# The names bn_train gives its batch statistics (``jax.ad_checkpoint.checkpoint_name``):
-# the shift of the shifted moments and the moments themselves (count, delta, m2).
-# ``jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names(
-# *checkpoint_names))`` keeps them, so the backward pass does not compute the
-# statistics (and their all-reduces) a second time.
+"""The remat name of ``bn_train``'s batch moments (count, delta, m2)."""
 checkpoint_names: tuple[str, ...] = (SHIFT_NAME, MOMENTS_NAME)
+"""The names ``bn_train`` gives its batch statistics (``jax.ad_checkpoint.checkpoint_name``).
+
+``jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names(*checkpoint_names))``
+keeps them, so the backward pass does not compute the statistics (and their all-reduces) a
+second time.
+"""
 
 
 class BNParams(NamedTuple):
@@ -95,7 +127,8 @@ class BNState(NamedTuple):
 
   mean: Array
   var: Array
-  count: Array
+  # A public field: it shadows the method tuple.count, on purpose (pyright flags the override).
+  count: Array  # pyright: ignore[reportIncompatibleMethodOverride]
   step: Array
 
 
@@ -117,9 +150,14 @@ class BNAccState(NamedTuple):
 
   mean: Array
   var: Array
-  count: Array
+  # A public field: it shadows the method tuple.count, on purpose (pyright flags the override).
+  count: Array  # pyright: ignore[reportIncompatibleMethodOverride]
   step: Array
   acc: numerics.Moments
+
+
+# A state of either kind, for the functions that return a state of the kind they are given.
+StateT = TypeVar("StateT", bound="BNState | BNAccState")
 
 
 class SingleValueWarning(UserWarning):
@@ -197,6 +235,7 @@ class _FromOptions:
 
 
 FROM_OPTIONS: Any = _FromOptions()
+"""The default of the modules' option keywords: "take this option from ``options``"."""
 
 
 def merge_options(fn: str, options: Any, overrides: dict[str, Any]) -> BNOptions:
@@ -265,6 +304,14 @@ def renorm_schedule(
   return Renorm(rmax=ramp(1.0, rmax, rmax_steps), dmax=ramp(0.0, dmax, dmax_steps))
 
 
+@overload
+def bn_init(
+  num_features: int | Sequence[int], *, dtype: Any = ..., accumulate_steps: Literal[1] = 1
+) -> tuple[BNParams, BNState]: ...
+@overload
+def bn_init(
+  num_features: int | Sequence[int], *, dtype: Any = ..., accumulate_steps: int
+) -> tuple[BNParams, BNState | BNAccState]: ...
 def bn_init(
   num_features: int | Sequence[int], *, dtype: Any = jnp.float32, accumulate_steps: int = 1
 ) -> tuple[BNParams, BNState | BNAccState]:
@@ -391,14 +438,14 @@ class StateMismatchError(ValueError):
   """``params`` and ``state`` of different shapes: they come from different layers."""
 
 
-def _check_tree(fn: str, params: BNParams | None, state: BNState) -> tuple[int, ...]:
+def _check_tree(fn: str, params: BNParams | None, state: BNState | BNAccState) -> tuple[int, ...]:
   if isinstance(state, BNParams) or isinstance(params, (BNState, BNAccState)):
     raise TypeError(
       f"{fn}: params and state are swapped (got params: {type(params).__name__}, state: "
       f"{type(state).__name__}); pass them in the order bn_init returns them: "
       f"{fn}(params, state, x)."
     )
-  fields = {"state": ("mean", "var", "count", "step")}
+  fields: dict[str, tuple[str, ...]] = {"state": ("mean", "var", "count", "step")}
   if params is not None:
     fields["params"] = ("scale", "bias")
   for role, names in fields.items():
@@ -611,7 +658,7 @@ def _train_kernel(cfg: _Config):
 
 
 def _update_state(
-  state: BNState,
+  state: BNState | BNAccState,
   batch: numerics.Moments,
   momentum: float | Array | None,
   ema_warmup: bool = False,
@@ -693,13 +740,13 @@ def _input(x: Any) -> Any:
   return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
 
 
-def _compute_dtype(x: Array, state: BNState) -> jnp.dtype:
+def _compute_dtype(x: Array, state: BNState | BNAccState) -> jnp.dtype:
   """The wider of the input's statistics dtype and the state's."""
   a, b = stats_dtype(x.dtype), jnp.dtype(state.mean.dtype)
   return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
 
 
-def _static_size(dims: Sequence[Any]) -> int | None:
+def _static_size(dims: Iterable[Any]) -> int | None:
   """The product of ``dims``, or None when one is symbolic (``jax.export``)."""
   n = 1
   for d in dims:
@@ -711,7 +758,7 @@ def _static_size(dims: Sequence[Any]) -> int | None:
 
 def bn_train(
   params: BNParams,
-  state: BNState,
+  state: StateT,
   x: Array,
   options: BNOptions | None = None,
   *,
@@ -726,7 +773,7 @@ def bn_train(
   ema_warmup: bool = FROM_OPTIONS,
   running_var: str = FROM_OPTIONS,
   accumulate_steps: int = FROM_OPTIONS,
-) -> tuple[Array, BNState]:
+) -> tuple[Array, StateT]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
   Per feature, over every other axis (Algorithm 1 of the paper)::
@@ -943,9 +990,14 @@ def bn_train(
   else:
     batch = numerics.Moments(*(t[0] for t in batch))
   batch = jax.tree.map(lambda t: _sharded_like(t, state.mean), batch)
-  if accumulate_steps > 1:
-    return y, _accumulate(state, batch, accumulate_steps, momentum, ema_warmup, running_var)
-  return y, _update_state(state, batch, momentum, ema_warmup, running_var)
+  if accumulate_steps > 1:  # state is a BNAccState (checked above)
+    acc_state = cast(BNAccState, state)
+    new = _accumulate(acc_state, batch, accumulate_steps, momentum, ema_warmup, running_var)
+    return y, cast(StateT, new)
+  new = _update_state(state, batch, momentum, ema_warmup, running_var)
+  if isinstance(state, BNAccState):  # the kind given (a scan carry keeps its structure)
+    new = BNAccState(*new, acc=state.acc)
+  return y, cast(StateT, new)
 
 
 def _accumulate(
@@ -1015,7 +1067,7 @@ def _unsplit_shape(shape: tuple[int, ...], lay: _Layout) -> tuple[int, ...]:
 
 def bn_infer(
   params: BNParams,
-  state: BNState,
+  state: BNState | BNAccState,
   x: Array,
   options: BNOptions | None = None,
   *,
@@ -1072,7 +1124,7 @@ def bn_infer(
 
 
 def bn_moments(
-  state: BNState,
+  state: BNState | BNAccState,
   x: Array,
   options: BNOptions | None = None,
   *,
@@ -1134,7 +1186,7 @@ def bn_moments(
 
 
 def bn_update(
-  state: BNState,
+  state: BNState | BNAccState,
   batch: numerics.Moments,
   options: BNOptions | None = None,
   *,

@@ -8,9 +8,16 @@ no download). Real MNIST is read only from files the user provides (see
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from typing import NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+  import os
+  import pathlib
+
+__all__ = ("Dataset", "batches", "epoch_order", "load_digits", "load_mnist")
 
 
 class Dataset(NamedTuple):
@@ -127,7 +134,7 @@ _IDX_FILES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def load_mnist(path) -> Dataset:
+def load_mnist(path: str | os.PathLike[str]) -> Dataset:
   """Real MNIST from a local file: a Keras ``mnist.npz`` or the four IDX files.
 
   ``path`` is either
@@ -198,7 +205,7 @@ def load_mnist(path) -> Dataset:
   )
 
 
-def _read_npz(p) -> dict[str, np.ndarray]:
+def _read_npz(p: pathlib.Path) -> dict[str, np.ndarray]:
   import zipfile
   import zlib
 
@@ -235,7 +242,7 @@ def _read_npz(p) -> dict[str, np.ndarray]:
       ) from None
 
 
-def _find_idx(directory, name: str):
+def _find_idx(directory: pathlib.Path, name: str) -> pathlib.Path:
   dotted = name.replace("-idx", ".idx")
   candidates = [name, name + ".gz", dotted, dotted + ".gz"]
   for c in candidates:
@@ -247,14 +254,13 @@ def _find_idx(directory, name: str):
   )
 
 
-def _read_idx(p) -> np.ndarray:
+def _read_idx(p: pathlib.Path) -> np.ndarray:
   """Parses one IDX file: magic ``0, 0, dtype, ndim``, big-endian int32 dims, data."""
   import gzip
   import zlib
 
-  opener = gzip.open if p.name.endswith(".gz") else open
   try:
-    with opener(p, "rb") as f:
+    with gzip.open(p, "rb") if p.name.endswith(".gz") else open(p, "rb") as f:
       raw = f.read()
   # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError, corrupt data zlib.error.
   except (OSError, EOFError, zlib.error) as e:
@@ -279,7 +285,7 @@ def _read_idx(p) -> np.ndarray:
   return np.frombuffer(raw, dtype, offset=header).reshape(shape)
 
 
-def _mnist_images(x: np.ndarray, p, key: str) -> np.ndarray:
+def _mnist_images(x: np.ndarray, p: pathlib.Path, key: str) -> np.ndarray:
   x = np.asarray(x)
   if x.ndim == 4 and x.shape[-1] == 1:
     x = x[..., 0]
@@ -305,7 +311,7 @@ def _mnist_images(x: np.ndarray, p, key: str) -> np.ndarray:
   raise ValueError(f"load_mnist: {key} in {str(p)!r} has dtype {x.dtype}; expected uint8 images.")
 
 
-def _mnist_labels(y: np.ndarray, p, key: str, n: int) -> np.ndarray:
+def _mnist_labels(y: np.ndarray, p: pathlib.Path, key: str, n: int) -> np.ndarray:
   y = np.asarray(y)
   if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
     raise ValueError(

@@ -104,7 +104,7 @@ class Trained(NamedTuple):
   eval_steps: list[int]
   evals: Any
   losses: np.ndarray
-  finite: np.ndarray
+  finite: np.ndarray | np.bool_
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -389,7 +389,9 @@ def train_loop(
       record(start, evaluate_start() if evaluate_start is not None else None)
     begin = start
     for stop in sorted({p for p in points if p > start} | {end}):
-      idx = [batch_indices(s, n, stop - begin, batch_size, start=begin) for s in np.ravel(seed)]
+      idx = [
+        batch_indices(int(s), n, stop - begin, batch_size, start=begin) for s in np.ravel(seed)
+      ]
       idx = np.stack(idx) if several else idx[0]
       metrics, out = segment(idx, stop in points, tick)
       history.metrics.append(metrics)
@@ -496,10 +498,10 @@ def train(
       f"engine.train: one run (an int seed) takes one learning rate, got {lr.tolist()}."
     )
 
-  def make_tx(lr):
-    if tx is None:
-      return None
-    return tx if fixed_tx else tx(lr)
+  def make_tx(lr: Any) -> optax.GradientTransformation | None:
+    if tx is None or isinstance(tx, optax.GradientTransformation):  # None, or fixed_tx
+      return tx
+    return tx(lr)
 
   def init_opt(params, lr):
     t = make_tx(lr)
@@ -528,7 +530,7 @@ def train(
       return (params, state, opt_state), loss
 
     (params, state, opt_state), losses = jax.lax.scan(step, (params, state, opt_state), idx)
-    evals = eval_fn(params, state) if evaluate else None
+    evals = eval_fn(params, state) if evaluate and eval_fn is not None else None
     finite = _finite(params) & jnp.all(jnp.isfinite(losses))
     return params, state, opt_state, losses, evals, finite
 

@@ -34,16 +34,20 @@ from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Iterable
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 
 from jaxbn.core import DEFAULTS
 from jaxbn.core import FROM_OPTIONS
+from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.core import StateT
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_moments
 from jaxbn.core import bn_train
@@ -55,7 +59,10 @@ from jaxbn.layer import PORTED_COUNT
 from jaxbn.layer import BNLayer
 from jaxbn.population import population_stats
 
-eqx = require("equinox", "jaxbn.equinox")
+if TYPE_CHECKING:  # the real module for type checkers; at run time, through require
+  import equinox as eqx
+else:
+  eqx = require("equinox", "jaxbn.equinox")
 
 __all__ = ("BatchNorm", "equinox_population_stats", "fold_equinox", "from_equinox")
 
@@ -268,7 +275,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     use = self.channelwise_affine
     return BNLayer((self.input_size,), self.options, self.dtype, use, use)
 
-  def read(self, state: Any) -> tuple[BNParams, BNState]:
+  def read(self, state: Any) -> tuple[BNParams, BNState | BNAccState]:
     """``(params, state)`` of the core for this layer, from an ``eqx.nn.State``.
 
     Entries the layer does not store are filled as :func:`jaxbn.bn_init`
@@ -289,9 +296,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if self.weight is None:
       shape = (self.input_size,)
       return BNParams(jnp.ones(shape, self.dtype), jnp.zeros(shape, self.dtype))
-    return BNParams(self.weight, self.bias)
+    return BNParams(self.weight, cast(jax.Array, self.bias))  # bias is set with weight
 
-  def write(self, state: Any, bn_state: BNState) -> Any:
+  def write(self, state: Any, bn_state: BNState | BNAccState) -> Any:
     """An ``eqx.nn.State`` holding ``bn_state`` for this layer (the rest unchanged)."""
     stored = self.layer().entries(None, bn_state)
     pair = (stored.pop("mean"), stored.pop("var"))
@@ -305,7 +312,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       state = state.set(self.extra_state_index, stored)
     return state
 
-  def running(self, state: Any) -> tuple[BNParams, BNState]:
+  def running(self, state: Any) -> tuple[BNParams, BNState | BNAccState]:
     """``(params, state)`` with the statistics inference normalizes with.
 
     In ``"batch"`` mode with a plain moving average (``momentum`` a number,
@@ -508,7 +515,7 @@ def from_equinox(model: Any, state: Any, *, options: BNOptions | None = None) ->
   return eqx.nn.delete_init_state(new_model), new_state
 
 
-def _carried(old: Any, new: BatchNorm, state: Any, fresh: BNState) -> BNState:
+def _carried(old: Any, new: BatchNorm, state: Any, fresh: StateT) -> StateT:
   """The core's state of ``new`` holding what the equinox layer ``old`` has learned."""
   sdt = fresh.mean.dtype
   if old.mode == "batch":
@@ -540,7 +547,15 @@ class _PopulationPass(eqx.nn.StatefulLayer):
   index: eqx.nn.StateIndex
   overrides: tuple = eqx.field(static=True)
 
-  def __call__(self, x, state, *, key=None, inference=None, mask=None):
+  def __call__(
+    self,
+    x: jax.Array,
+    state: Any,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, Any]:
     del key, inference
     params = self.bn.params()
     opts = self.bn._options_for(x)._replace(**dict(self.overrides))
@@ -619,7 +634,8 @@ def equinox_population_stats(
     m = eqx.combine(arrays, static)
     overrides = tuple(sorted({**bn_kwargs, "accumulate_steps": 1}.items()))
     passes = {
-      k: _PopulationPass(bn, eqx.nn.StateIndex(bn_states[k]), overrides)
+      # pyright counts StatefulLayer's `__call__: AbstractClassVar[...]` as a dataclass field.
+      k: _PopulationPass(bn, eqx.nn.StateIndex(bn_states[k]), overrides)  # pyright: ignore[reportCallIssue]
       for k, bn in _batch_norms(m).items()
     }
     m = eqx.tree_at(lambda t: list(_batch_norms(t).values()), m, list(passes.values()))

@@ -22,12 +22,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+__all__ = ("OPTIONAL", "MissingExtraError", "require")
+
 
 class MissingExtraError(ImportError):
   """An optional dependency is not installed; the message names the extra that installs it."""
 
 
-# Top-level module -> (the distribution that provides it, the extra that installs it).
 OPTIONAL: dict[str, tuple[str, str]] = {
   "orbax": ("orbax-checkpoint", "train"),
   "tqdm": ("tqdm", "train"),
@@ -36,6 +37,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
   "torch": ("torch", "torch"),
   "equinox": ("equinox", "equinox"),
 }
+"""Each optional top-level module: (the distribution that provides it, the extra installing it)."""
 
 
 def require(module: str, what: str) -> ModuleType:

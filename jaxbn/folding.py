@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn.core import DEFAULTS
+from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+
+__all__ = ("FoldTrace", "fold_bn", "qualified_name")
 
 Array = jax.Array
 
@@ -33,7 +36,7 @@ def fold_bn(
   kernel: Array,
   bias: Array | None,
   params: BNParams,
-  state: BNState,
+  state: BNState | BNAccState,
   *,
   epsilon: float = DEFAULTS.epsilon,
 ) -> tuple[Array, Array]:

@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import SingleValueWarning
 from jaxbn.core import StateMismatchError
+from jaxbn.core import StateT
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
 from jaxbn.core import bn_train
@@ -211,11 +213,11 @@ class BNLayer:
 
   def init(self) -> tuple[BNParams, BNState | BNAccState]:
     """Fresh ``(params, state)``: :func:`jaxbn.bn_init` of this layer."""
-    return bn_init(
-      self.feature_shape, dtype=self.param_dtype, accumulate_steps=self.options.accumulate_steps
-    )
+    # feature_shape None (not known yet): bn_init raises the error, naming the value.
+    shape = cast("tuple[int, ...]", self.feature_shape)
+    return bn_init(shape, dtype=self.param_dtype, accumulate_steps=self.options.accumulate_steps)
 
-  def entries(self, params: BNParams | None, state: BNState | None) -> dict[str, Any]:
+  def entries(self, params: BNParams | None, state: BNState | BNAccState | None) -> dict[str, Any]:
     """The stored entries of ``params`` and ``state`` by name (either may be None)."""
     full = self._all_entries(params, state)
     names = (self.param_names if params is not None else ()) + (
@@ -223,7 +225,9 @@ class BNLayer:
     )
     return {k: full[k] for k in names}
 
-  def _all_entries(self, params: BNParams | None, state: BNState | None) -> dict[str, Any]:
+  def _all_entries(
+    self, params: BNParams | None, state: BNState | BNAccState | None
+  ) -> dict[str, Any]:
     """Every entry of ``params`` and ``state`` by name, stored or not."""
     full: dict[str, Any] = {}
     if params is not None:
@@ -281,7 +285,7 @@ class BNLayer:
     """Deprecated: :func:`jaxbn.linen.read_variables` ``(variables, layer)``."""
     return _moved("read_linen", "jaxbn.linen", "read_variables")(variables, self)
 
-  def write_linen(self, params: BNParams, state: BNState) -> dict[str, dict[str, Any]]:
+  def write_linen(self, params: BNParams, state: BNState | BNAccState) -> dict[str, dict[str, Any]]:
     """Deprecated: :func:`jaxbn.linen.write_variables` ``(params, state, layer)``."""
     return _moved("write_linen", "jaxbn.linen", "write_variables")(params, state, self)
 
@@ -289,7 +293,9 @@ class BNLayer:
     """Deprecated: :func:`jaxbn.nnx.read_module` ``(module, layer)``."""
     return _moved("read_nnx", "jaxbn.nnx", "read_module")(module, self)
 
-  def write_nnx(self, module: Any, params: BNParams | None, state: BNState | None) -> Any:
+  def write_nnx(
+    self, module: Any, params: BNParams | None, state: BNState | BNAccState | None
+  ) -> Any:
     """Deprecated: :func:`jaxbn.nnx.write_module` ``(module, params, state, layer)``."""
     return _moved("write_nnx", "jaxbn.nnx", "write_module")(module, params, state, self)
 
@@ -299,14 +305,14 @@ class BNLayer:
   def normalize(
     self,
     params: BNParams,
-    state: BNState,
+    state: StateT,
     x: jax.Array,
     *,
     use_running_average: bool,
     mask: jax.Array | None = None,
     initializing: bool = False,
     where: str | None = None,
-  ) -> tuple[jax.Array, BNState | None]:
+  ) -> tuple[jax.Array, StateT | None]:
     """``(y, new_state)`` in training, ``(y, None)`` with the running statistics.
 
     ``where`` names the layer (its path in the model) in the error raised for

@@ -292,7 +292,7 @@ def read_variables(
 
 
 def write_variables(
-  params: BNParams, state: BNState, layer: BNLayer | None = None
+  params: BNParams, state: BNState | BNAccState, layer: BNLayer | None = None
 ) -> dict[str, dict[str, Any]]:
   """The linen variables ``{'params': ..., 'batch_stats': ...}`` that ``layer`` stores.
 
@@ -390,7 +390,7 @@ def linen_population_stats(
   states = {"/".join(p): read_variables(e)[1] for p, e in layers.items()}
 
   def forward(variables, states, x, **bn_kwargs):
-    new: dict[str, BNState] = {}
+    new: dict[str, BNState | BNAccState | None] = {}
 
     def intercept(next_fun, args, kwargs, context):
       mod = context.module
@@ -479,7 +479,7 @@ def _traced_pairs(fn: str, model: Any, variables: Any, args: tuple, kwargs: dict
 
 def _fold_variables(fn: str, variables: Any, pairs: list[tuple[str, str, BNLayer]]) -> dict:
   """``variables`` with each batch norm folded into its linear layer and removed."""
-  flat = {
+  flat: dict[str, dict[str, Any]] = {
     col: traverse_util.flatten_dict(dict(tree), sep="/") for col, tree in dict(variables).items()
   }
   params, stats = flat.get("params", {}), flat.get("batch_stats", {})

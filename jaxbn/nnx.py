@@ -36,6 +36,7 @@ from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.core import bn_init
 from jaxbn.core import merge_options
 from jaxbn.folding import FoldTrace
 from jaxbn.folding import fold_bn
@@ -141,6 +142,25 @@ class BatchNorm(nnx.Module):
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithms 1 and 2.
   """
 
+  # Set by name in __init__ (every statistics entry and option): declared for type checkers.
+  mean: nnx.BatchStat
+  var: nnx.BatchStat
+  count: nnx.BatchStat | None
+  step: nnx.BatchStat | None
+  acc_count: nnx.BatchStat | None
+  acc_mean: nnx.BatchStat | None
+  acc_m2: nnx.BatchStat | None
+  momentum: float | None
+  epsilon: float
+  axis: int | Sequence[int]
+  axis_name: Any
+  axis_index_groups: Any
+  ghost_batch_size: int | None
+  renorm: Renorm | None
+  ema_warmup: bool
+  running_var: str
+  accumulate_steps: int
+
   def __init__(
     self,
     num_features: int | Sequence[int],
@@ -171,9 +191,9 @@ class BatchNorm(nnx.Module):
   ):
     given = {k: v for k, v in locals().items() if k in BNOptions._fields}  # first, as given
     options = merge_options("jaxbn.nnx.BatchNorm", options, given)
-    layer = BNLayer(num_features, options, param_dtype, use_scale, use_bias)
-    try:
-      _, state = layer.init()  # bn_init checks num_features and param_dtype
+    layer = BNLayer(None, options, param_dtype, use_scale, use_bias)
+    try:  # bn_init checks num_features and param_dtype
+      _, state = bn_init(num_features, dtype=param_dtype, accumulate_steps=options.accumulate_steps)
     except (TypeError, ValueError) as e:
       raise type(e)(f"jaxbn.nnx.BatchNorm: {e}") from None
     shape = tuple(state.mean.shape)
@@ -284,7 +304,10 @@ def read_module(module: Any, layer: BNLayer | None = None) -> tuple[BNParams, BN
 
 
 def write_module(
-  module: Any, params: BNParams | None, state: BNState | None, layer: BNLayer | None = None
+  module: Any,
+  params: BNParams | None,
+  state: BNState | BNAccState | None,
+  layer: BNLayer | None = None,
 ) -> Any:
   """Writes ``params`` and ``state`` into an nnx batch norm, in place; returns ``module``.
 

@@ -40,6 +40,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+__all__ = (
+  "REFINE_RATIO",
+  "BatchAverage",
+  "Moments",
+  "Shifted",
+  "batch_average_add",
+  "batch_average_init",
+  "batch_moments",
+  "copies",
+  "merge",
+  "merge_stacked",
+  "moments",
+  "needs_refinement",
+  "psum",
+  "shifted_moments",
+  "shifted_sums",
+  "stats_dtype",
+  "variance",
+)
+
 Array = jax.Array
 
 
@@ -53,7 +73,8 @@ class Moments(NamedTuple):
     m2: the sum of their squared deviations from ``mean`` (float32, >= 0).
   """
 
-  count: Array
+  # A public field: it shadows the method tuple.count, on purpose (pyright flags the override).
+  count: Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mean: Array
   m2: Array
 
@@ -93,7 +114,8 @@ class Shifted(NamedTuple):
     m2: sum of squared deviations from the mean (>= 0).
   """
 
-  count: Array
+  # A public field: it shadows the method tuple.count, on purpose (pyright flags the override).
+  count: Array  # pyright: ignore[reportIncompatibleMethodOverride]
   shift: Array
   delta: Array
   m2: Array
@@ -121,6 +143,7 @@ def copies(tree: Any, k: int) -> list[Any]:
 # pass that is kept; the tests of exactness at a 1e6 offset hold with 16 to
 # 1024, and a smaller value refines more often for nothing.
 REFINE_RATIO = 32.0
+"""A pass is refined when ``delta^2 / var`` exceeds this (see the comment above it)."""
 
 
 def shifted_sums(
@@ -428,7 +451,8 @@ class BatchAverage(NamedTuple):
     var: ``E_B[n / (n - 1) var_B]`` (float32).
   """
 
-  count: Array
+  # A public field: it shadows the method tuple.count, on purpose (pyright flags the override).
+  count: Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mean: Array
   var: Array
 

@@ -40,7 +40,10 @@ from jaxbn import numerics
 from jaxbn.core import BNState
 from jaxbn.core import SingleValueWarning
 
+__all__ = ("ESTIMATORS", "axis_bound", "population_stats")
+
 ESTIMATORS = ("exact", "paper")
+"""The estimators of ``population_stats``: the data set's own moments, or Algorithm 2's."""
 
 # What population_stats passes to the forward function, which must hand it
 # to every bn_train call: the exact cumulative update, and batch

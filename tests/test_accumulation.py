@@ -125,6 +125,29 @@ def test_one_is_the_default_state_and_step():
   jax.tree.map(np.testing.assert_array_equal, s1, s0)
 
 
+def test_an_accumulating_state_keeps_its_kind_when_a_step_does_not_accumulate():
+  # A BNAccState through bn_train with accumulate_steps=1 (a layer whose accumulation is switched
+  # off for a run) stays a BNAccState with its acc untouched, for every batch, so that a scan
+  # carry keeps one structure; its statistics are the plain state's.
+  params, acc_state = jaxbn.bn_init(FEATURES, accumulate_steps=3)
+  _, plain = jaxbn.bn_init(FEATURES)
+  x = _data()[:MICRO]
+  _, new = jaxbn.bn_train(params, acc_state, x)
+  _, want = jaxbn.bn_train(params, plain, x)
+  assert type(new) is jaxbn.BNAccState
+  jax.tree.map(np.testing.assert_array_equal, tuple(new[:4]), tuple(want))
+  jax.tree.map(np.testing.assert_array_equal, new.acc, acc_state.acc)
+  with pytest.warns(jaxbn.SingleValueWarning):
+    _, single = jaxbn.bn_train(params, acc_state, x[:1])
+  assert jax.tree.structure(single) == jax.tree.structure(new)
+
+  def step(s, xb):
+    return jaxbn.bn_train(params, s, xb)[1], None
+
+  final, _ = jax.lax.scan(step, acc_state, x.reshape(2, MICRO // 2, FEATURES))
+  assert type(final) is jaxbn.BNAccState and int(final.step) == 2
+
+
 def test_bad_accumulate_steps():
   params, state = jaxbn.bn_init(FEATURES)
   x = _data()[:MICRO]

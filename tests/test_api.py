@@ -42,6 +42,25 @@ def test_all_is_the_eager_imports_and_the_lazy_table():
   assert jaxbn._NOT_STARRED <= set(jaxbn._LAZY)
 
 
+def test_type_checkers_see_every_lazy_name_where_it_loads_from():
+  # jaxbn/__init__.py's `if TYPE_CHECKING:` imports, one per lazy name: without them a type
+  # checker would see __getattr__'s Any for jaxbn.fit, jaxbn.linen, ...
+  tree = ast.parse((ROOT / "jaxbn" / "__init__.py").read_text())
+  seen = {}
+  for node in tree.body:
+    if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+      for imp in node.body:
+        assert isinstance(imp, ast.ImportFrom) and imp.module, ast.dump(imp)
+        for a in imp.names:
+          assert a.asname == a.name, f"{a.name} must be re-exported as itself"
+          seen[a.name] = (imp.module, a.name)
+  want = {
+    name: (module, attr) if attr else tuple(module.rsplit(".", 1))
+    for name, (module, attr) in jaxbn._LAZY.items()
+  }
+  assert seen == want
+
+
 def test_every_lazy_name_resolves_to_what_its_module_exports():
   for name, (module, attr) in jaxbn._LAZY.items():
     if name in jaxbn._NOT_STARRED:

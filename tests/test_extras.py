@@ -46,7 +46,17 @@ def test_the_core_install_is_the_core_and_each_extra_installs_its_packages():
 
 
 def _imports(tree):
+  """The modules ``tree`` imports at run time (not those under ``if TYPE_CHECKING:``)."""
+  typing_only = {
+    id(inner)
+    for node in ast.walk(tree)
+    if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+    for stmt in node.body
+    for inner in ast.walk(stmt)
+  }
   for node in ast.walk(tree):
+    if id(node) in typing_only:
+      continue
     if isinstance(node, ast.Import):
       yield from (a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

@@ -224,9 +224,7 @@ def test_recalibrated_layer_normalizes_the_training_set():
   got = jaxbn.population_stats(forward, params, states, batches, progress=False)
   h = np.concatenate(batches) @ np.asarray(params["w1"])
   y = np.asarray(jaxbn.bn_infer(params["bn1"], got["bn1"], jnp.asarray(h)), np.float64)
-  p = params["bn1"]
-  np.testing.assert_allclose(y.mean(0), p.bias, atol=1e-4)
-  np.testing.assert_allclose(y.std(0), p.scale, rtol=1e-4)
+  jaxbn.testing.assert_normalized(y, params=params["bn1"], atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Activation = str | Callable[[jax.Array], jax.Array]
 _ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
 PREACTIVATION = "preactivation"
+"""The name under which the example models sow the input of each hidden activation."""
 
 
 def activation_fn(act: Activation) -> Callable[[jax.Array], jax.Array]:

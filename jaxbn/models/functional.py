@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from typing import Literal
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +67,7 @@ def init_mlp(
   widths = (in_features, *features)
   hidden, state = [], []
   for k, n_in, n_out in zip(keys, widths, features, strict=False):
-    layer = {"kernel": _dense_init(k, n_in, n_out, dtype)}
+    layer: dict[str, Any] = {"kernel": _dense_init(k, n_in, n_out, dtype)}
     if use_bn:
       layer["bn"], s = bn_init(n_out, dtype=dtype)
       state.append(s)
@@ -79,11 +81,56 @@ def init_mlp(
   return {"hidden": hidden, "head": head}, tuple(state)
 
 
-def _bn_apply(bn_params: BNParams, state: BNState, x: jax.Array, train: bool, bn: BNOptions):
+def _bn_apply(
+  bn_params: BNParams, state: BNState, x: jax.Array, train: bool, bn: BNOptions
+) -> tuple[jax.Array, BNState]:
   y, new = BNLayer(options=bn).normalize(bn_params, state, x, use_running_average=not train)
   return y, state if new is None else new
 
 
+# (logits, new_state) or, with return_preactivations=True, (logits, new_state, preactivations).
+_Applied = (
+  tuple[jax.Array, tuple[BNState, ...]]
+  | tuple[jax.Array, tuple[BNState, ...], tuple[jax.Array, ...]]
+)
+
+
+@overload
+def apply_mlp(
+  params: dict,
+  state: tuple[BNState, ...],
+  x: jax.Array,
+  *,
+  train: bool,
+  activation: Activation = ...,
+  bn_options: BNOptions = ...,
+  return_preactivations: Literal[False] = False,
+  **bn_kwargs: Any,
+) -> tuple[jax.Array, tuple[BNState, ...]]: ...
+@overload
+def apply_mlp(
+  params: dict,
+  state: tuple[BNState, ...],
+  x: jax.Array,
+  *,
+  train: bool,
+  activation: Activation = ...,
+  bn_options: BNOptions = ...,
+  return_preactivations: Literal[True],
+  **bn_kwargs: Any,
+) -> tuple[jax.Array, tuple[BNState, ...], tuple[jax.Array, ...]]: ...
+@overload
+def apply_mlp(
+  params: dict,
+  state: tuple[BNState, ...],
+  x: jax.Array,
+  *,
+  train: bool,
+  activation: Activation = ...,
+  bn_options: BNOptions = ...,
+  return_preactivations: bool,
+  **bn_kwargs: Any,
+) -> _Applied: ...
 def apply_mlp(
   params: dict,
   state: tuple[BNState, ...],
@@ -94,7 +141,7 @@ def apply_mlp(
   bn_options: BNOptions = DEFAULTS,
   return_preactivations: bool = False,
   **bn_kwargs: Any,
-):
+) -> _Applied:
   """Logits of a plain-JAX MLP made by :func:`init_mlp`.
 
   Args:
@@ -193,7 +240,7 @@ def init_cnn(
   for k, c_in, c_out in zip(keys, chans, features, strict=False):
     fan_in = 9 * c_in
     kernel = jax.random.normal(k, (3, 3, c_in, c_out), dtype) * jnp.asarray(fan_in**-0.5, dtype)
-    block = {"kernel": kernel}
+    block: dict[str, Any] = {"kernel": kernel}
     if use_bn:
       block["bn"], s = bn_init(c_out, dtype=dtype)
       state.append(s)
@@ -210,6 +257,39 @@ def init_cnn(
   return {"conv": blocks, "head": head}, tuple(state)
 
 
+@overload
+def apply_cnn(
+  params: dict,
+  state: tuple[BNState, ...],
+  x: jax.Array,
+  *,
+  train: bool,
+  bn_options: BNOptions = ...,
+  return_preactivations: Literal[False] = False,
+  **bn_kwargs: Any,
+) -> tuple[jax.Array, tuple[BNState, ...]]: ...
+@overload
+def apply_cnn(
+  params: dict,
+  state: tuple[BNState, ...],
+  x: jax.Array,
+  *,
+  train: bool,
+  bn_options: BNOptions = ...,
+  return_preactivations: Literal[True],
+  **bn_kwargs: Any,
+) -> tuple[jax.Array, tuple[BNState, ...], tuple[jax.Array, ...]]: ...
+@overload
+def apply_cnn(
+  params: dict,
+  state: tuple[BNState, ...],
+  x: jax.Array,
+  *,
+  train: bool,
+  bn_options: BNOptions = ...,
+  return_preactivations: bool,
+  **bn_kwargs: Any,
+) -> _Applied: ...
 def apply_cnn(
   params: dict,
   state: tuple[BNState, ...],
@@ -219,7 +299,7 @@ def apply_cnn(
   bn_options: BNOptions = DEFAULTS,
   return_preactivations: bool = False,
   **bn_kwargs: Any,
-):
+) -> _Applied:
   """Logits of a plain-JAX CNN made by :func:`init_cnn` on NHWC images ``x``.
 
   Args and returns as :func:`apply_mlp` (the activation is relu), ``**bn_kwargs`` included.

@@ -39,6 +39,7 @@ References:
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 from typing import Any
 
 from jaxbn.reproduce.claims import check_claims
@@ -50,6 +51,11 @@ from jaxbn.reproduce.report import format_report
 from jaxbn.reproduce.report import format_table
 from jaxbn.reproduce.report import summarize
 from jaxbn.reproduce.report import write_results
+
+# The lazy names below (_LAZY), for type checkers; at run time __getattr__ imports them.
+if TYPE_CHECKING:
+  from jaxbn.reproduce.figures import write_figures as write_figures
+  from jaxbn.reproduce.run import reproduce as reproduce
 
 # Loaded on first use: they import optax and flax (run) or matplotlib (figures).
 _LAZY = {"reproduce": "jaxbn.reproduce.run", "write_figures": "jaxbn.reproduce.figures"}

@@ -87,7 +87,7 @@ def _says_steps(row: dict) -> str:
   return f"{s} steps" if s is not None else "never"
 
 
-def _claim(name: str, holds: bool, evidence: list[str]) -> dict:
+def _claim(name: str, holds: bool | np.bool_, evidence: list[str]) -> dict:
   return {"name": name, "holds": bool(holds), "evidence": "; ".join(evidence) + "."}
 
 

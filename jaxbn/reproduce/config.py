@@ -7,12 +7,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 from jaxbn import BNOptions
 from jaxbn import data as data_lib
 
-# The percentiles of the watched sigmoid input recorded at each evaluation (Fig. 1(b, c)).
 PERCENTILES = (15.0, 50.0, 85.0)
+"""The percentiles of the watched sigmoid input recorded at each evaluation (Fig. 1(b, c))."""
 
 # What --quick changes (Config.quick): a smaller budget, the same claims.
 QUICK = {"steps": 600, "eval_every": 25, "model": "mlp"}
@@ -130,7 +131,7 @@ class Config:
   batch_size: int = 60
   init_std: float = 0.05
   cnn_features: tuple[int, ...] = (8, 16)
-  momentum: float = BNOptions().momentum
+  momentum: float = cast(float, BNOptions().momentum)  # BNOptions' default, a number
   epsilon: float = BNOptions().epsilon
   eval_every: int = 50
   target: float = 0.9
@@ -138,7 +139,7 @@ class Config:
   progress: bool = False
 
   @classmethod
-  def quick(cls, **changes) -> Config:
+  def quick(cls, **changes: Any) -> Config:
     """The configuration of ``jaxbn reproduce --quick``, with ``changes`` applied.
 
     The MLPs only (no CNN), for 600 steps instead of 2,000, evaluated every
@@ -173,7 +174,7 @@ class Config:
     def name(field: str) -> str:
       return flags.get(field, field)
 
-    def given(field: str, value) -> str:
+    def given(field: str, value: Any) -> str:
       return f"{flags[field]} {value}" if field in flags else f"{field}={value}"
 
     ints = {
@@ -269,9 +270,10 @@ class Config:
       True
     """
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(
-      **{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
-    )
+    kwargs: dict[str, Any] = {
+      k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names
+    }
+    return cls(**kwargs)
 
 
 def load_data(config: Config) -> tuple[data_lib.Dataset, str]:
@@ -283,7 +285,8 @@ def load_data(config: Config) -> tuple[data_lib.Dataset, str]:
       one mini-batch (``config.batch_size``).
   """
   if config.dataset == "mnist":
-    ds, name = data_lib.load_mnist(config.data), "mnist"
+    # Config.validate requires data for mnist.
+    ds, name = data_lib.load_mnist(cast(str, config.data)), "mnist"
   else:
     ds, name = data_lib.load_digits(), "digits"
   if len(ds.x_train) < config.batch_size:

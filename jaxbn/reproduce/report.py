@@ -271,7 +271,8 @@ def machine() -> dict:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   import jaxbn
 
-  packages = {"jaxbn": jaxbn.__version__}  # an editable install's metadata may be stale
+  # An editable install's metadata may be stale.
+  packages: dict[str, str | None] = {"jaxbn": jaxbn.__version__}
   for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
     try:
       packages[name] = importlib.metadata.version(name)

@@ -207,7 +207,7 @@ def _train_net(
       {
         "lr": r,
         "seed": s,
-        "diverged": not bool(trained.finite[i]),
+        "diverged": not bool(np.asarray(trained.finite)[i]),
         "test_accuracy": to_json(accs[i]),
         "percentiles": to_json(pcts[i]),
         "population_accuracy": None if pop is None else to_json(pop[i]),
@@ -242,7 +242,7 @@ def reproduce(config: Config) -> dict:
   config.validate()
   config = config.resolved()
   ds, name = load_data(config)
-  common = dict(
+  common: dict[str, Any] = dict(
     eval_every=config.eval_every,
     batch_size=config.batch_size,
     target=config.target,

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.layer import PORTED_COUNT
@@ -67,7 +69,7 @@ class TorchSettings(NamedTuple):
   affine: bool
   track_running_stats: bool
 
-  def train_kwargs(self, state: BNState | None = None) -> dict[str, Any]:
+  def train_kwargs(self, state: BNState | BNAccState | None = None) -> dict[str, Any]:
     """Keyword arguments of :func:`jaxbn.bn_train` giving torch's update.
 
     ``{"momentum", "epsilon", "running_var"}``. For torch's
@@ -320,7 +322,8 @@ def from_torch(
     "step": jnp.asarray(steps, jnp.int32),
   }
   # Without affine parameters, scale 1 and bias 0 in the tensors' dtype.
-  return BNLayer(param_dtype=dtype).from_entries(params, stats, fn=fn)
+  p, s = BNLayer(param_dtype=dtype).from_entries(params, stats, fn=fn)
+  return p, cast(BNState, s)  # a default layer (accumulate_steps=1) makes a BNState
 
 
 def _default_dtype() -> Any:
@@ -331,7 +334,7 @@ def _default_dtype() -> Any:
 # Batch norm: jaxbn -> torch
 
 
-def to_torch(params: BNParams, state: BNState | None, module: Any) -> Any:
+def to_torch(params: BNParams, state: BNState | BNAccState | None, module: Any) -> Any:
   """Writes ``(params, state)`` into a torch batch norm, in place.
 
   The inverse of :func:`from_torch`: ``weight``, ``bias``, ``running_mean``,

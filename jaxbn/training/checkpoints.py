@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import traceback
+from types import TracebackType
 from typing import Any
 
 import jax
@@ -40,7 +41,9 @@ class _DropOrbaxRecords(logging.Filter):
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def _is_late_tensorstore_callback(exc_type, exc, tb) -> bool:
+def _is_late_tensorstore_callback(
+  exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None
+) -> bool:
   # tensorstore completes the reads of a failed orbax call on its own threads
   # after orbax has closed its event loop; each completion then fails to
   # schedule its callback and is printed through sys.excepthook.
@@ -56,20 +59,22 @@ def _install_excepthook_filter() -> None:
   previous = sys.excepthook
   if not getattr(previous, "_jaxbn_filter", False):
 
-    def excepthook(exc_type, exc, tb):
+    def excepthook(
+      exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
       if not _is_late_tensorstore_callback(exc_type, exc, tb):
         previous(exc_type, exc, tb)
 
-    excepthook._jaxbn_filter = True
+    excepthook.__dict__["_jaxbn_filter"] = True  # the mark read above
     sys.excepthook = excepthook
   previous_unraisable = sys.unraisablehook
   if not getattr(previous_unraisable, "_jaxbn_filter", False):
 
-    def unraisablehook(u):
+    def unraisablehook(u: sys.UnraisableHookArgs) -> None:
       if not _is_late_tensorstore_callback(u.exc_type, u.exc_value, u.exc_traceback):
         previous_unraisable(u)
 
-    unraisablehook._jaxbn_filter = True
+    unraisablehook.__dict__["_jaxbn_filter"] = True
     sys.unraisablehook = unraisablehook
 
 

@@ -57,7 +57,7 @@ def bn_param_mask(params: Any, batch_stats: Any = None) -> Any:
 
   def label(path, leaf):
     if isinstance(leaf, BNParams):
-      return BNParams(True, True)
+      return BNParams._make((True, True))  # the mask of its two arrays
     names = [_key_name(k) for k in path]
     return bool(
       names and names[-1] in ("scale", "bias") and any(_BN_NAME.search(n) for n in names[:-1])

@@ -300,7 +300,7 @@ def fit(
       state, m = step_fn(state, (x[ix], y[ix]))
       metrics.append(m)
       tick(1)
-    return metrics, evaluate(state, *eval_data) if evaluate_now else None
+    return metrics, evaluate(state, *eval_data) if evaluate_now and eval_data is not None else None
 
   ran = train_loop(
     segment,
@@ -312,7 +312,7 @@ def fit(
     seed=seed,
     start=start,
     eval_every=eval_every if eval_data is not None else None,
-    evaluate_start=lambda: evaluate(state, *eval_data),
+    evaluate_start=None if eval_data is None else lambda: evaluate(state, *eval_data),
     on_eval=lambda step, m: {"test_acc": f"{m['accuracy']:.4f}"},
     progress=progress,
     desc="fit",
