@@ -4,6 +4,7 @@ The device count must be set before JAX initialises its backend.
 """
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -13,6 +14,16 @@ import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# A persistent compilation cache: a second run of the suite loads most of its XLA programs
+# from disk instead of compiling them again (the key covers jax's version, the backend, the
+# XLA flags and the program, so a changed function compiles anew). JAXBN_TEST_CACHE=off
+# compiles everything; another path moves the cache.
+_cache = os.environ.get("JAXBN_TEST_CACHE", str(pathlib.Path(__file__).parents[1] / ".jax_cache"))
+if _cache != "off":
+  jax.config.update("jax_compilation_cache_dir", _cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Property tests: a fixed, derandomized budget by default (the same examples on
 # every run and machine); JAXBN_HYPOTHESIS_EXAMPLES=N draws N fresh examples
