@@ -24,6 +24,9 @@ if _cache != "off":
   jax.config.update("jax_compilation_cache_dir", _cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # A size limit turns on jax's file lock (the filelock package): xdist's workers then never
+  # read an entry the other is still writing, and the oldest entries go past 2 GiB.
+  jax.config.update("jax_compilation_cache_max_size", 2 * 1024**3)
 
 # Property tests: a fixed, derandomized budget by default (the same examples on
 # every run and machine); JAXBN_HYPOTHESIS_EXAMPLES=N draws N fresh examples
