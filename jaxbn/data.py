@@ -37,6 +37,7 @@ class Dataset(NamedTuple):
 
   @property
   def num_classes(self) -> int:
+    """One more than the largest label of either split."""
     return int(max(self.y_train.max(), self.y_test.max())) + 1
 
   def flat(self) -> Dataset:

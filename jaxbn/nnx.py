@@ -264,7 +264,7 @@ class BatchNorm(nnx.Module):
       write_module(self, None, new, layer)
     return y if self.dtype is None else y.astype(self.dtype)
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None) -> None:
     """Class method used by ``nnx.view``.
 
     Args:

@@ -214,7 +214,6 @@ def assert_valid_state(params: BNParams | None, state: BNState | BNAccState) -> 
       f"assert_valid_state: state should be a jaxbn.BNState or BNAccState, got "
       f"{type(state).__name__}"
     )
-  fshape = np.shape(state.mean)
   entries = {"state.mean": state.mean, "state.var": state.var, "state.count": state.count}
   if params is not None:
     if not isinstance(params, BNParams):
@@ -228,8 +227,15 @@ def assert_valid_state(params: BNParams | None, state: BNState | BNAccState) -> 
     want = np.dtype(state.mean.dtype)
     if want not in (np.float32, np.float64):
       raise AssertionError(f"assert_valid_state: state.mean has dtype {want}, not float32/64")
+  shapes = {name: np.shape(value) for name, value in entries.items()}
+  if len(set(shapes.values())) > 1:
+    raise AssertionError(
+      "assert_valid_state: "
+      + ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+      + " should share one feature shape"
+    )
+  fshape = np.shape(state.mean)
   for name, value in entries.items():
-    chex.assert_shape(value, fshape, custom_message=f"{name} against state.mean's shape")
     chex.assert_tree_all_finite(value, custom_message=name)
   for name in ("state.mean", "state.var", "state.count"):
     chex.assert_type(entries[name], want, custom_message=name)
@@ -293,6 +299,8 @@ def assert_running_stats_close(
       f"population: mean {mu.shape} and var {s2.shape} should have the state's feature "
       f"shape {m.shape}"
     )
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(s2)) and np.all(s2 >= 0)):
+    raise ValueError("population: its mean and var should be finite, and its var not negative")
   chex.assert_tree_all_finite((m, v), custom_message="the running statistics")
   with np.errstate(divide="ignore", invalid="ignore"):
     shift = np.abs(m - mu) / np.sqrt(s2)

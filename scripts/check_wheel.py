@@ -31,12 +31,13 @@ from tests.test_readme import PRINTS  # noqa: E402
 from tests.test_readme import matches  # noqa: E402
 
 
-def _run(cmd: list[str], **kwargs) -> str:
+def _run(cmd: list[str], **kwargs) -> tuple[str, str]:
+  """(stdout, stderr) of ``cmd``; exits with both when it fails."""
   print("+", " ".join(cmd).split("\n", 1)[0], flush=True)
   done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
   if done.returncode:
     raise SystemExit(f"failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-  return done.stdout + done.stderr
+  return done.stdout, done.stderr
 
 
 def _readme_example() -> str:
@@ -52,7 +53,9 @@ def main() -> int:
     # setuptools warns that it skips byte-compiling when PYTHONDONTWRITEBYTECODE is set: a
     # setting of this shell, not of the package.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    log = _run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], env=env)
+    log = "\n".join(
+      _run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], env=env)
+    )
     warnings = [line for line in log.splitlines() if re.search(r"warn", line, re.I)]
     if warnings:
       raise SystemExit("python -m build warned:\n" + "\n".join(warnings))
@@ -84,10 +87,12 @@ def main() -> int:
     work = tmp / "elsewhere"
     work.mkdir()
     example = _readme_example()
-    where = _run([python, "-c", "import jaxbn; print(jaxbn.__file__, jaxbn.__version__)"], cwd=work)
+    where, _ = _run(
+      [python, "-c", "import jaxbn; print(jaxbn.__file__, jaxbn.__version__)"], cwd=work
+    )
     if not where.startswith(str(venv)):
       raise SystemExit(f"jaxbn was imported from {where.split()[0]}, not from the wheel")
-    printed = _run([python, "-c", example], cwd=work).splitlines()
+    printed = _run([python, "-c", example], cwd=work)[0].splitlines()  # stdout: what it prints
     expected = [m.group(1) for line in example.splitlines() if (m := PRINTS.search(line))]
     if len(printed) != len(expected) or not all(map(matches, expected, printed)):
       raise SystemExit(f"the README example printed {printed}, the README says {expected}")

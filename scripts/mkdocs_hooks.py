@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pathlib
 import pkgutil
@@ -80,6 +81,9 @@ def _site_path(repo_path: str) -> str | None:
     return "license.md"
   if repo_path == "notebooks":
     return NOTEBOOK_INDEX
+  module = re.fullmatch(r"jaxbn/(\w+)(?:/__init__)?\.py", repo_path)
+  if module and (ROOT / "docs" / "api" / f"{module.group(1)}.md").is_file():
+    return f"api/{module.group(1)}.md"  # a module's source: its API page
   if repo_path.startswith("docs/notebooks/"):
     return None  # the same files as notebooks/
   if repo_path.startswith("docs/"):
@@ -203,7 +207,17 @@ def undocumented(documented: set[str]) -> list[str]:
         paths.add(obj.__name__)
       if not paths & documented:
         problems.append(f"{modname}.{attr}: no entry in the API reference")
-  return problems
+      elif isinstance(obj, type) and obj.__module__.startswith("jaxbn"):
+        # Its public methods and properties (those it defines), each with an entry too.
+        owner = f"{obj.__module__}.{obj.__qualname__}"
+        for name, member in vars(obj).items():
+          func = member.fget if isinstance(member, property) else member
+          func = getattr(func, "__func__", func)  # classmethod, staticmethod
+          # Its own code: not a generated dataclass method or a default from another library.
+          method = inspect.isfunction(func) and func.__module__.startswith("jaxbn")
+          if method and not name.startswith("_") and f"{owner}.{name}" not in documented:
+            problems.append(f"{owner}.{name}: no entry in the API reference")
+  return sorted(set(problems), key=problems.index)
 
 
 def on_post_build(config: Any) -> None:

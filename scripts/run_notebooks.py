@@ -5,7 +5,8 @@
 
 Run it after a change that alters what a notebook prints or draws, and look at the figures
 before committing. tests/test_notebooks.py runs each notebook afresh and checks that the
-stored outputs come from one run of its current code.
+stored outputs are one run from the top, with the kinds of output (text, figures) a fresh run
+shows in each cell.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_large_offset_is_exact_where_fast_variance_fails():
   x = 1e4 + jax.random.normal(jax.random.key(0), (256, 8))
   params, state = jaxbn.bn_init(8)
   y, new = jaxbn.bn_train(params, state, x)
-  jaxbn.testing.assert_normalized(y)
+  jaxbn.testing.assert_normalized(y, rtol=0.0)  # std within 1e-3
   jaxbn.testing.assert_valid_state(params, new)
   x64 = np.asarray(x, np.float64)
   np.testing.assert_allclose(new.var, 0.99 + 0.01 * x64.var(0), rtol=1e-5)

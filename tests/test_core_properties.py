@@ -25,8 +25,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import assume
 from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import jaxbn
@@ -314,9 +316,20 @@ def _run(c, state, x, params, mask, dy, tx, ts, tb):
   )
 
 
+@pytest.mark.slow  # the fast tier checks a sample of 20 below
 @given(cases())
 def test_bn_train_matches_the_float64_reference(c):
   """Output, new state, reverse- and forward-mode derivatives, for every drawn case."""
+  _check_against_the_reference(c)
+
+
+@settings(max_examples=20)  # other draws than the full budget's (each program compiles anew)
+@given(cases())
+def test_bn_train_matches_the_float64_reference_on_a_sample(c):
+  _check_against_the_reference(c)
+
+
+def _check_against_the_reference(c):
   with _dtype_ctx(c), warnings.catch_warnings():
     warnings.simplefilter("error")
     rng, x, w, params, state = _inputs(c)

@@ -225,7 +225,7 @@ def test_exact_far_from_zero():
   bn, state = eqx.nn.make_with_state(jeqx.BatchNorm)(4, BATCH, mode="batch")
   x = 1e4 + _x((256, 4), seed=4, scale=1.0)
   y, _ = _vmapped(bn)(x, state)
-  jaxbn.testing.assert_normalized(y)
+  jaxbn.testing.assert_normalized(y, rtol=0.0)  # std within 1e-3
 
 
 # --------------------------------------------------------------------------

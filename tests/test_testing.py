@@ -93,8 +93,8 @@ def test_valid_state_after_init_and_training(accumulate_steps):
     (lambda p, s: (p, s._replace(var=s.var.at[2].set(-1e-3))), "state.var has a negative"),
     (lambda p, s: (p, s._replace(count=-s.count - 1)), "state.count has a negative"),
     (lambda p, s: (p, s._replace(var=s.var.astype(jnp.float16))), "state.var"),
-    (lambda p, s: (p, s._replace(mean=jnp.zeros(4))), "state.mean"),
-    (lambda p, s: (p._replace(scale=jnp.ones(2)), s), "params.scale"),
+    (lambda p, s: (p, s._replace(mean=jnp.zeros(4))), r"state.mean \(4,\), state.var \(3,\)"),
+    (lambda p, s: (p._replace(scale=jnp.ones(2)), s), r"params.scale \(2,\).* share one"),
     (lambda p, s: (p, s._replace(step=jnp.zeros((), jnp.float32))), "state.step"),
     (lambda p, s: (p, (s.mean, s.var)), "BNState"),
   ],
@@ -142,3 +142,6 @@ def test_running_stats_close_measures_in_population_deviations():
     testing.assert_running_stats_close(state, (np.array([0.0, 1e-3]), np.array([1.0, 0.0])))
   with pytest.raises(ValueError, match="population"):
     testing.assert_running_stats_close(state, (np.zeros(3), np.ones(3)))
+  # A population that is not finite would hide every difference: an error, not a pass.
+  with pytest.raises(ValueError, match="finite"):
+    testing.assert_running_stats_close(state, (np.array([np.nan, 0.0]), np.ones(2)))

@@ -43,6 +43,7 @@ softmax cross-entropy of the model's logits. Nothing here prints unless asked
 train with :mod:`jaxbn.engine` instead.
 """
 
+from jaxbn.training.checkpoints import CheckpointError
 from jaxbn.training.checkpoints import restore_checkpoint
 from jaxbn.training.checkpoints import save_checkpoint
 from jaxbn.training.masks import bn_param_mask
@@ -60,6 +61,7 @@ from jaxbn.training.state import fit
 from jaxbn.training.state import train_step
 
 __all__ = (
+  "CheckpointError",
   "TrainState",
   "bn_param_mask",
   "bn_weight_decay_mask",
