@@ -502,12 +502,22 @@ def _axis_names(axis_name: Any) -> tuple[Any, ...]:
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
-def _group_size(axis_name: Any, axis_index_groups: Any) -> int:
-  if axis_index_groups is not None:
-    return len(axis_index_groups[0])
+def _group_size(fn: str, axis_name: Any, axis_index_groups: Any) -> int:
   size = 1
   for name in _axis_names(axis_name):
-    size *= jax.lax.axis_size(name)
+    try:
+      size *= jax.lax.axis_size(name)
+    except NameError:
+      # Still a NameError (equinox's, and what callers catch), with the ways to bind it.
+      raise NameError(
+        f"{fn}: axis_name={axis_name!r}: unbound axis name {name!r}. Statistics over a named "
+        f"axis need it bound where bn_train runs: jax.shard_map over a mesh with that axis "
+        f"name, or jax.vmap(..., axis_name={name!r}); or pass axis_name=None, under jax.jit "
+        f"with arrays sharded over a mesh (the statistics are then the whole batch's) or on "
+        f"one device."
+      ) from None
+  if axis_index_groups is not None:
+    return len(axis_index_groups[0])
   return size
 
 
@@ -924,7 +934,7 @@ def bn_train(
     ghost_axis = lay.reduction_axes[0]  # after the split: one entry per ghost batch
     x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
 
-  group = 1 if axis_name is None else _group_size(axis_name, axis_index_groups)
+  group = 1 if axis_name is None else _group_size(fn, axis_name, axis_index_groups)
   local = _static_size(x.shape[i] for i in lay.reduction_axes)
   total = None if local is None else local * group  # None: symbolic (jax.export)
   where = f"reduced axes {lay.reduction_axes}" + (

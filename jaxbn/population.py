@@ -321,7 +321,17 @@ def population_stats(
     tqdm = require("tqdm.auto", "jaxbn.population_stats(progress=True)").tqdm
     batches = tqdm(batches, total=total, desc=fn, leave=False)
   for x in batches:
-    new = run(probes, x)
+    try:
+      new = run(probes, x)
+    except (AttributeError, TypeError) as e:
+      if seen == 0 and isinstance(x, (tuple, list)) and len(x) == 2:
+        kinds = ", ".join(type(t).__name__ for t in x)
+        raise TypeError(
+          f"{fn}: the forward failed on the first batch, a pair ({kinds}): "
+          f"{type(e).__name__}: {e}. batches should yield the model's input x alone; for a "
+          f"loader of (x, y) pairs, pass (x for x, _ in loader)."
+        ) from e
+      raise
     if seen == 0:
       key = (params_signature, _shapes_and_dtypes(x))
       if key not in checked:

@@ -218,3 +218,29 @@ def test_plain_jax_models_are_population_forwards():
   h = x.astype(np.float64) @ np.asarray(params["hidden"][0]["kernel"], np.float64)
   np.testing.assert_allclose(got[0].mean, h.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[0].var, h.var(0), rtol=1e-5, atol=1e-5)
+
+
+def test_population_batches_of_x_y_pairs_get_an_error_that_says_what_to_pass():
+  params, states = models.init_mlp(jax.random.key(0), 3, (4,), 2)
+  forward = functools.partial(models.apply_mlp, train=True)
+  x = _rows(16).astype(np.float32)
+  pairs = [(x[:8], np.zeros(8, np.int32)), (x[8:], np.zeros(8, np.int32))]
+  with pytest.raises(TypeError, match=r"a pair \(ndarray, ndarray\).*\(x for x, _ in loader\)"):
+    jaxbn.population_stats(forward, params, states, pairs)
+  got = jaxbn.population_stats(forward, params, states, (x for x, _ in pairs))
+  want = jaxbn.population_stats(forward, params, states, [x[:8], x[8:]])
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_an_unbound_axis_name_names_the_option_and_the_ways_to_bind_it():
+  params, state = jaxbn.bn_init(3)
+  x = _rows(8).astype(np.float32)
+  with pytest.raises(NameError, match=r"bn_train: axis_name='batch': unbound axis name 'batch'"):
+    jaxbn.bn_train(params, state, x, axis_name="batch")
+  ways = r"unbound axis name 'batch'.*shard_map.*vmap\(\.\.\., axis_name='batch'\).*=None"
+  with pytest.raises(NameError, match=ways):
+    jax.jit(lambda x: jaxbn.bn_train(params, state, x, axis_name=("batch", "b")))(x)
+  # Bound, the same call runs: vmap over examples with that name.
+  y, _ = jax.vmap(lambda r: jaxbn.bn_train(params, state, r[None], axis_name="batch"),
+                  axis_name="batch")(x)  # fmt: skip
+  np.testing.assert_allclose(y[:, 0], jaxbn.bn_train(params, state, x)[0], rtol=1e-5, atol=1e-5)
