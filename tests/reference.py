@@ -1,6 +1,26 @@
-"""Independent float64 NumPy references for the tests (Algorithm 1 and 2)."""
+"""Independent float64 NumPy references (Algorithms 1 and 2), and a fresh interpreter for tests."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str) -> str:
+  """Runs ``code`` in a fresh interpreter (this checkout's jaxbn); returns what it printed."""
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.strip()
 
 
 def feature_axes(ndim, axis):

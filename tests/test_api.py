@@ -1,27 +1,13 @@
 """The public API: one list of names, and every name importable as listed."""
 
 import ast
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import jaxbn
+from tests.reference import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _python(code):
-  """Runs ``code`` in a fresh interpreter (this checkout's jaxbn); returns what it printed."""
-  proc = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
-  return proc.stdout.strip()
 
 
 def _eager_names():
@@ -74,7 +60,7 @@ def test_every_lazy_name_resolves_to_what_its_module_exports():
 def test_import_jaxbn_imports_no_framework():
   frameworks = ("flax", "optax", "equinox", "torch", "orbax", "sklearn", "matplotlib", "tqdm")
   code = f"import sys, jaxbn; print([m for m in {frameworks!r} if m in sys.modules])"
-  assert _python(code) == "[]"
+  assert run_python(code) == "[]"
 
 
 def test_star_import_needs_no_optional_package():
@@ -85,4 +71,4 @@ for name in ("torch", "equinox", "orbax", "sklearn", "matplotlib", "tqdm"):
 from jaxbn import *
 print(sorted(k for k in dir() if not k.startswith("_"))[:3])
 """
-  _python(code)
+  run_python(code)

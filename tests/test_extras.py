@@ -2,10 +2,8 @@
 
 import ast
 import importlib
-import os
 import pathlib
 import re
-import subprocess
 import sys
 import tomllib
 
@@ -15,6 +13,7 @@ import pytest
 
 import jaxbn
 from jaxbn import extras
+from tests.reference import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -216,12 +215,4 @@ ts, hist = training.fit(ts, np.ones((8, 3), np.float32), np.zeros(8, np.int32), 
                         steps=2)
 print(len(hist["loss"]), float(y.std(0).mean().round(3)))
 """
-  proc = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.split() == ["2", "1.0"]
+  assert run_python(code).split() == ["2", "1.0"]
