@@ -17,6 +17,11 @@ Three versions with the same hyper-parameters:
   :func:`jaxbn.bn_infer` directly: :func:`init_mlp` / :func:`apply_mlp` and
   :func:`init_cnn` / :func:`apply_cnn`.
 
+And ResNets with torchvision's structure and layer names, in linen
+(:class:`ResNet`, :func:`resnet18`, :func:`resnet34`, :func:`resnet50`,
+:func:`resnet101`; :mod:`jaxbn.models.resnet`), into which
+:func:`jaxbn.torch.from_torch_resnet` ports torchvision's and timm's.
+
 Every model takes its batch-norm options as one :class:`jaxbn.BNOptions`
 (``bn_options=BNOptions(momentum=0.9, axis_name='batch')``), passed as it is
 to every batch-norm layer (``BatchNorm(options=...)``).
@@ -53,6 +58,11 @@ from jaxbn.models.linen import CNN
 from jaxbn.models.linen import MLP
 from jaxbn.models.nnx import NNXCNN
 from jaxbn.models.nnx import NNXMLP
+from jaxbn.models.resnet import ResNet
+from jaxbn.models.resnet import resnet18
+from jaxbn.models.resnet import resnet34
+from jaxbn.models.resnet import resnet50
+from jaxbn.models.resnet import resnet101
 
 __all__ = (
   "CNN",
@@ -60,11 +70,16 @@ __all__ = (
   "NNXCNN",
   "NNXMLP",
   "PREACTIVATION",
+  "ResNet",
   "apply_cnn",
   "apply_mlp",
   "fold_params",
   "init_cnn",
   "init_mlp",
+  "resnet18",
+  "resnet34",
+  "resnet50",
+  "resnet101",
 )
 
 # 0.2's names of the folds, now in their framework's module: name -> module (one release).

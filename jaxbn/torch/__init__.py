@@ -1,11 +1,13 @@
 """Porting PyTorch batch norms (and the layers around them) to jaxbn, and back.
 
-:func:`from_torch` turns a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``
-(or its state dict) into ``(BNParams, BNState)``; :func:`to_torch` writes them
-back. Both copy values exactly: ``weight -> scale``, ``bias -> bias``,
-``running_mean -> mean``, ``running_var -> var``, ``num_batches_tracked ->
-step``, in the tensors' own dtype (float64 needs ``jax_enable_x64``), so
-``torch -> jaxbn -> torch`` is bitwise the identity.
+:func:`from_torch` turns a torch batch norm (``BatchNorm1d/2d/3d``,
+``SyncBatchNorm``, timm's ``BatchNormAct2d`` and ``SplitBatchNorm2d``,
+torchvision's and timm's ``FrozenBatchNorm2d``), or its state dict, into
+``(BNParams, BNState)``; :func:`to_torch` writes them back. Both copy values
+exactly: ``weight -> scale``, ``bias -> bias``, ``running_mean -> mean``,
+``running_var -> var``, ``num_batches_tracked -> step``, in the tensors' own
+dtype (float64 needs ``jax_enable_x64``), so ``torch -> jaxbn -> torch`` is
+bitwise the identity.
 
 PyTorch's conventions differ from jaxbn's default (flax's) ones;
 :func:`torch_settings` gives the jaxbn arguments that reproduce torch's
@@ -33,7 +35,10 @@ The package re-exports every public name of its modules:
   :func:`to_torch_linen`, :func:`from_torch_nnx` and :func:`to_torch_nnx`;
 * :mod:`jaxbn.torch.layouts`: :func:`torch_conv_kernel`,
   :func:`torch_linear_kernel`, :func:`nchw_to_nhwc` and :func:`nhwc_to_nchw`;
-* :mod:`jaxbn.torch.models`: whole models, :func:`from_torch_model`.
+* :mod:`jaxbn.torch.models`: whole models, :func:`from_torch_model` (any
+  model, with a ``rename`` of its layers), :func:`from_torch_resnet` (a
+  torchvision or timm ResNet into :class:`jaxbn.models.ResNet`, one call)
+  and :func:`resnet_rename`.
 
 PyTorch is needed only to call these functions: neither ``import jaxbn`` nor
 ``import jaxbn.torch`` imports it. (This package is ``jaxbn.torch``; ``torch``
@@ -54,6 +59,8 @@ from jaxbn.torch.layouts import nhwc_to_nchw
 from jaxbn.torch.layouts import torch_conv_kernel
 from jaxbn.torch.layouts import torch_linear_kernel
 from jaxbn.torch.models import from_torch_model
+from jaxbn.torch.models import from_torch_resnet
+from jaxbn.torch.models import resnet_rename
 
 __all__ = (
   "PORTED_COUNT",
@@ -62,8 +69,10 @@ __all__ = (
   "from_torch_linen",
   "from_torch_model",
   "from_torch_nnx",
+  "from_torch_resnet",
   "nchw_to_nhwc",
   "nhwc_to_nchw",
+  "resnet_rename",
   "to_torch",
   "to_torch_linen",
   "to_torch_nnx",

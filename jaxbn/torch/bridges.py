@@ -22,6 +22,7 @@ from jaxbn.linen import write_variables
 from jaxbn.nnx import read_module
 from jaxbn.nnx import write_module
 from jaxbn.torch.layer import _check_bn_module
+from jaxbn.torch.layer import _is_frozen
 from jaxbn.torch.layer import _tensors
 from jaxbn.torch.layer import _torch
 from jaxbn.torch.layer import from_torch
@@ -46,7 +47,10 @@ def _target_layout(fn: str, source: Any, bn: Any, prefix: str, batch_values: Any
   params, state = from_torch(source, prefix=prefix, batch_values=batch_values)
   if bn is None:
     affine = _tensors(fn, source, prefix).weight is not None
-    momentum = getattr(_bn_module(source, prefix), "momentum", 0.1)
+    module = _bn_module(source, prefix)
+    # torch's default momentum for a state dict; a frozen layer's statistics never move.
+    frozen = module is not None and _is_frozen(module)
+    momentum = 0.0 if frozen else getattr(module, "momentum", 0.1)
     options = BNOptions(
       momentum=None if momentum is None else 1.0 - float(momentum), running_var="unbiased"
     )

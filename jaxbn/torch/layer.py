@@ -1,14 +1,26 @@
 """One torch batch norm as ``(BNParams, BNState)`` and back, and the settings that match torch's.
 
 The exact copies of one layer's parameters and running statistics between a
-``torch.nn.BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``, or its state dict) and
-``(BNParams, BNState)``, the jaxbn arguments that reproduce torch's updates
-(:class:`TorchSettings`), and the helpers the other modules of
-:mod:`jaxbn.torch` share (torch imported on first use, tensors to JAX arrays).
+torch batch norm (or its state dict) and ``(BNParams, BNState)``, the jaxbn
+arguments that reproduce torch's updates (:class:`TorchSettings`), and the
+helpers the other modules of :mod:`jaxbn.torch` share (torch imported on first
+use, tensors to JAX arrays).
+
+The batch norms ported: ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and
+every other subclass of torch's ``_BatchNorm`` (timm's ``BatchNormAct2d``,
+whose activation :attr:`TorchSettings.activation` carries, and
+``SplitBatchNorm2d``, whose auxiliary batch norms ``aux_bn.<i>`` port as
+layers of their own), and the frozen ones: torchvision's (and timm's)
+``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d``, whose statistics
+and affine parameters are buffers that never change
+(:attr:`TorchSettings.frozen`).
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -43,6 +55,62 @@ def _torch():
   return require("torch", "jaxbn.torch")
 
 
+# The frozen batch norms: name of the module that defines them -> class names. Read from
+# sys.modules only: a model holding one has imported its module, and jaxbn imports neither.
+_FROZEN = {
+  "torchvision.ops.misc": ("FrozenBatchNorm2d",),
+  "timm.layers.norm_act": ("FrozenBatchNormAct2d",),
+}
+
+
+def _is_frozen(module: Any) -> bool:
+  """A frozen batch norm: torchvision's or timm's ``FrozenBatchNorm2d``, timm's ``...Act2d``."""
+  for where, names in _FROZEN.items():
+    mod = sys.modules.get(where)
+    if mod is not None and isinstance(module, tuple(getattr(mod, n) for n in names)):
+      return True
+  return False
+
+
+def _is_batch_norm(module: Any) -> bool:
+  """A batch norm jaxbn ports: a subclass of torch's ``_BatchNorm``, or a frozen one."""
+  return isinstance(module, _torch().nn.modules.batchnorm._BatchNorm) or _is_frozen(module)
+
+
+def _torch_activations() -> dict[type, Callable[[Any], Callable[[Array], Array] | None]]:
+  """torch activation module type -> its JAX function (given the module, for its arguments)."""
+  nn = _torch().nn
+  return {
+    nn.Identity: lambda m: None,
+    nn.ReLU: lambda m: jax.nn.relu,
+    nn.ReLU6: lambda m: jax.nn.relu6,
+    nn.SiLU: lambda m: jax.nn.silu,
+    nn.Sigmoid: lambda m: jax.nn.sigmoid,
+    nn.Tanh: lambda m: jnp.tanh,
+    nn.Hardswish: lambda m: jax.nn.hard_swish,
+    nn.Hardsigmoid: lambda m: jax.nn.hard_sigmoid,
+    nn.Mish: lambda m: jax.nn.mish,
+    nn.GELU: lambda m: functools.partial(jax.nn.gelu, approximate=m.approximate == "tanh"),
+    nn.LeakyReLU: lambda m: functools.partial(jax.nn.leaky_relu, negative_slope=m.negative_slope),
+    nn.ELU: lambda m: functools.partial(jax.nn.elu, alpha=m.alpha),
+  }
+
+
+def _activation(fn: str, module: Any) -> Callable[[Array], Array] | None:
+  """The JAX function of a fused batch norm's ``act`` (timm's ``BatchNormAct2d``), or ``None``."""
+  act = getattr(module, "act", None)
+  if act is None:
+    return None
+  table = _torch_activations()
+  if type(act) not in table:
+    raise ValueError(
+      f"{fn}: {type(module).__name__} applies the activation {type(act).__name__}, which "
+      f"jaxbn does not map to a JAX function (it maps {sorted(t.__name__ for t in table)}); "
+      f"port the batch norm with from_torch and apply that activation to its output yourself."
+    )
+  return table[type(act)](act)
+
+
 # --------------------------------------------------------------------------
 # Settings
 
@@ -61,6 +129,16 @@ class TorchSettings(NamedTuple):
     track_running_stats: torch's ``track_running_stats``: False means the
       batch statistics are used in evaluation too (call ``bn_train``, or the
       modules with ``use_running_average=False``, and ignore the new state).
+    frozen: a frozen batch norm (``FrozenBatchNorm2d``): it normalizes with
+      its running statistics in training too (:func:`jaxbn.bn_infer`, the
+      modules with ``use_running_average=True``), and its scale and bias are
+      buffers, not trained (:func:`jaxbn.training.freeze_bn_affine`).
+      ``momentum`` is then 1: the statistics never move.
+    activation: the JAX function of the activation a fused batch norm
+      applies to its output (timm's ``BatchNormAct2d``: ``jax.nn.relu`` for
+      ``act_layer=nn.ReLU``), or ``None`` (no activation, or ``nn.Identity``).
+      Apply it after the batch norm: ``activation(bn_infer(...))``. A
+      ``drop`` layer is a training-time regularizer and is not carried over.
   """
 
   momentum: float | None
@@ -68,6 +146,8 @@ class TorchSettings(NamedTuple):
   running_var: str
   affine: bool
   track_running_stats: bool
+  frozen: bool = False
+  activation: Callable[[Array], Array] | None = None
 
   def train_kwargs(self, state: BNState | BNAccState | None = None) -> dict[str, Any]:
     """Keyword arguments of :func:`jaxbn.bn_train` giving torch's update.
@@ -86,8 +166,15 @@ class TorchSettings(NamedTuple):
       A dict to pass as ``**kwargs`` to ``bn_train``.
 
     Raises:
-      ValueError: torch's ``momentum=None`` and no ``state``.
+      ValueError: torch's ``momentum=None`` and no ``state``; a frozen batch
+        norm (it has no training update: call ``bn_infer``).
     """
+    if self.frozen:
+      raise ValueError(
+        "TorchSettings.train_kwargs: a frozen batch norm (FrozenBatchNorm2d) normalizes with "
+        "its running statistics in training too and never updates them; call jaxbn.bn_infer "
+        "(a module: use_running_average=True)."
+      )
     momentum = self.momentum
     if momentum is None:
       if state is None:
@@ -103,7 +190,8 @@ class TorchSettings(NamedTuple):
   def module_kwargs(self) -> dict[str, Any]:
     """Constructor arguments of :class:`jaxbn.linen.BatchNorm` / :class:`jaxbn.nnx.BatchNorm`.
 
-    ``{"momentum", "epsilon", "running_var", "use_scale", "use_bias"}``. A
+    ``{"momentum", "epsilon", "running_var", "use_scale", "use_bias"}``, and
+    ``use_running_average=True`` for a frozen batch norm. A
     module's momentum is a constant, so torch's ``momentum=None`` maps to
     jaxbn's ``momentum=None``: the exact statistics of every value seen
     (Chan's merge, weighted by ``count``), where torch averages per-batch
@@ -117,20 +205,25 @@ class TorchSettings(NamedTuple):
     With ``track_running_stats=False``, call the module with
     ``use_running_average=False`` in evaluation too.
     """
-    return {
+    kwargs: dict[str, Any] = {
       "momentum": self.momentum,
       "epsilon": self.epsilon,
       "running_var": self.running_var,
       "use_scale": self.affine,
       "use_bias": self.affine,
     }
+    if self.frozen:
+      kwargs["use_running_average"] = True
+    return kwargs
 
 
 def _check_bn_module(fn: str, module: Any) -> None:
   torch = _torch()
-  if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+  if not _is_batch_norm(module):
     raise TypeError(
-      f"{fn}: expected a torch BatchNorm1d/2d/3d or SyncBatchNorm, got {type(module).__name__}."
+      f"{fn}: expected a torch batch norm (BatchNorm1d/2d/3d, SyncBatchNorm, another "
+      f"_BatchNorm such as timm's BatchNormAct2d, or a FrozenBatchNorm2d), got "
+      f"{type(module).__name__}."
     )
   for t in (module.weight, module.running_mean):
     if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
@@ -141,12 +234,17 @@ def torch_settings(module: Any) -> TorchSettings:
   """The jaxbn settings equivalent to a torch batch norm's.
 
   Args:
-    module: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm`` (a state
-      dict does not hold these settings; torch's defaults map to
-      ``momentum=0.9, epsilon=1e-5, running_var="unbiased"``).
+    module: a torch batch norm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
+      timm's ``BatchNormAct2d``, a ``FrozenBatchNorm2d``; a state dict does
+      not hold these settings: torch's defaults map to ``momentum=0.9,
+      epsilon=1e-5, running_var="unbiased"``).
 
   Returns:
     :class:`TorchSettings`.
+
+  Raises:
+    TypeError: ``module`` is not a torch batch norm.
+    ValueError: a fused activation jaxbn does not map to a JAX function.
 
   Examples:
     >>> import torch
@@ -156,14 +254,31 @@ def torch_settings(module: Any) -> TorchSettings:
     (0.9, 1e-05, 'unbiased', True, True)
     >>> jaxbn.torch_settings(torch.nn.BatchNorm1d(8, momentum=None, affine=False)).momentum is None
     True
+    >>> from torchvision.ops import FrozenBatchNorm2d
+    >>> s = jaxbn.torch_settings(FrozenBatchNorm2d(8, eps=1e-3))
+    >>> s.frozen, s.momentum, s.epsilon, s.module_kwargs()["use_running_average"]
+    (True, 1.0, 0.001, True)
   """
-  _check_bn_module("torch_settings", module)
+  fn = "torch_settings"
+  _check_bn_module(fn, module)
+  activation = _activation(fn, module)
+  if _is_frozen(module):
+    return TorchSettings(
+      momentum=1.0,
+      epsilon=float(module.eps),
+      running_var="unbiased",
+      affine=True,
+      track_running_stats=True,
+      frozen=True,
+      activation=activation,
+    )
   return TorchSettings(
     momentum=None if module.momentum is None else 1.0 - float(module.momentum),
     epsilon=float(module.eps),
     running_var="unbiased",
     affine=bool(module.affine),
     track_running_stats=bool(module.track_running_stats),
+    activation=activation,
   )
 
 
@@ -206,6 +321,9 @@ def _tensors(fn: str, source: Any, prefix: str) -> _Tensors:
     if prefix:
       source = source.get_submodule(prefix.rstrip("."))
     _check_bn_module(fn, source)
+    if _is_frozen(source):  # buffers only; no num_batches_tracked, no num_features
+      w = source.weight
+      return _Tensors(w, source.bias, source.running_mean, source.running_var, None, w.shape[0])
     return _Tensors(
       source.weight,
       source.bias,
@@ -250,6 +368,9 @@ def from_torch(
       step  = num_batches_tracked                     (int32)
       count = num_batches_tracked * batch_values      (or PORTED_COUNT)
 
+  (``PORTED_COUNT`` also when ``num_batches_tracked`` is absent, as in a
+  frozen batch norm.)
+
   ``count`` is the number of values per feature behind the statistics, which
   torch does not store. Given ``batch_values`` (the values per feature in each
   of torch's training batches: ``N`` for ``(N, C)`` input, ``N*H*W`` for
@@ -266,8 +387,11 @@ def from_torch(
       kw = jaxbn.torch_settings(module).train_kwargs(state)
       y, state = jaxbn.bn_train(params, state, x, axis=1, **kw)
 
+  A frozen batch norm (``FrozenBatchNorm2d``) has no ``num_batches_tracked``:
+  its step is 0 and its count :data:`PORTED_COUNT`.
+
   Args:
-    source: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``, a model
+    source: a torch batch norm (see :mod:`jaxbn.torch.layer`), a model
       containing one (with ``prefix``), or a state dict.
     prefix: the layer's name in a whole model (``"layer1.0.bn1"``) or its
       key prefix in a state dict (``"layer1.0.bn1."``).
@@ -311,8 +435,8 @@ def from_torch(
     raise ValueError(f"{fn}: num_batches_tracked={steps} does not fit BNState.step (int32).")
   if t.running_mean is None:
     count = 0.0
-  elif batch_values is None:
-    count = PORTED_COUNT
+  elif batch_values is None or t.num_batches_tracked is None:
+    count = PORTED_COUNT  # a frozen layer's (or a state dict's without the step) statistics
   else:
     count = float(steps) * float(batch_values)
   stats = {
@@ -348,7 +472,8 @@ def to_torch(params: BNParams, state: BNState | BNAccState | None, module: Any) 
   Args:
     params: :class:`jaxbn.BNParams` of shape ``(num_features,)``.
     state: :class:`jaxbn.BNState` of the same shape, or ``None``.
-    module: a ``torch.nn.BatchNorm1d/2d/3d`` or ``SyncBatchNorm``.
+    module: a torch batch norm (see :mod:`jaxbn.torch.layer`); a frozen one
+      takes the values into its buffers (``state.step`` is dropped).
 
   Returns:
     ``module``.
@@ -371,7 +496,8 @@ def to_torch(params: BNParams, state: BNState | BNAccState | None, module: Any) 
   fn = "to_torch"
   torch = _torch()
   _check_bn_module(fn, module)
-  c = int(module.num_features)
+  frozen = _is_frozen(module)  # buffers only, always affine and tracking
+  c = int(module.weight.shape[0] if frozen else module.num_features)
   for name, a in (("params.scale", params.scale), ("params.bias", params.bias)) + (
     () if state is None else (("state.mean", state.mean), ("state.var", state.var))
   ):
@@ -388,7 +514,7 @@ def to_torch(params: BNParams, state: BNState | BNAccState | None, module: Any) 
     dst.copy_(torch.as_tensor(a.copy()))
 
   with torch.no_grad():
-    if module.affine:
+    if frozen or module.affine:
       put(module.weight, params.scale)
       put(module.bias, params.bias)
     else:
@@ -398,9 +524,9 @@ def to_torch(params: BNParams, state: BNState | BNAccState | None, module: Any) 
           f"{fn}: the module has affine=False (scale 1, bias 0), but params are not; "
           f"make it with affine=True, or keep scale and bias fixed when training."
         )
-    if state is not None and module.track_running_stats:
+    if state is not None and (frozen or module.track_running_stats):
       put(module.running_mean, state.mean)
       put(module.running_var, state.var)
-      if state.step is not None:
+      if state.step is not None and not frozen:
         module.num_batches_tracked.fill_(int(np.asarray(state.step)))
   return module
