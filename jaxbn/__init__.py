@@ -36,6 +36,7 @@ from jaxbn.core import bn_update
 from jaxbn.core import checkpoint_names
 from jaxbn.core import renorm_schedule
 from jaxbn.folding import fold_bn
+from jaxbn.folding import fold_branches
 from jaxbn.layer import BNLayer
 from jaxbn.numerics import stats_dtype
 from jaxbn.population import population_stats
@@ -155,6 +156,7 @@ __all__ = (
   "eval_step",
   "fit",
   "fold_bn",
+  "fold_branches",
   "fold_linen",
   "fold_nnx",
   "fold_params",

@@ -460,7 +460,7 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState | BNAccState) -
     arrays.update({f"state.acc.{n}": v for n, v in state.acc._asdict().items()})
   if params is not None:
     arrays = {"params.scale": params.scale, "params.bias": params.bias, **arrays}
-  shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+  shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
   if len(set(shapes.values())) > 1:
     raise StateMismatchError(
       f"{fn}: params and state must come from one bn_init call (one layer), but their "

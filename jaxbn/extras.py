@@ -10,7 +10,8 @@ jaxlib, chex, numpy, flax, optax). The rest comes with an extra:
   ``jaxbn reproduce``;
 * ``jaxbn[torch]``: PyTorch (:mod:`jaxbn.torch`);
 * ``jaxbn[equinox]``: Equinox (:mod:`jaxbn.equinox`);
-* ``jaxbn[all]``: all of the above but PyTorch.
+* ``jaxbn[deploy]``: qwix, jax2onnx and onnxruntime (:mod:`jaxbn.deploy`);
+* ``jaxbn[all]``: all of the above but PyTorch and the deployment tools.
 
 Every import of one of these packages in jaxbn goes through :func:`require`,
 at the point of use, so that ``import jaxbn`` needs none of them and a missing
@@ -36,6 +37,8 @@ OPTIONAL: dict[str, tuple[str, str]] = {
   "matplotlib": ("matplotlib", "reproduce"),
   "torch": ("torch", "torch"),
   "equinox": ("equinox", "equinox"),
+  "qwix": ("qwix", "deploy"),
+  "jax2onnx": ("jax2onnx", "deploy"),
 }
 """Each optional top-level module: (the distribution that provides it, the extra installing it)."""
 

@@ -9,6 +9,9 @@ so it merges into the Dense or convolution before it::
 
 and ``bn_infer(layer(x))`` becomes ``layer'(x)``: one pass over the
 activations fewer (the transform PyTorch's ``torch.nn.utils.fusion`` applies).
+Parallel branches of convolution and batch norm whose outputs are summed
+(RepVGG, MobileOne), an identity branch that is a batch norm alone included,
+fold into one convolution with a bias (:func:`fold_branches`).
 
 References:
   Ioffe & Szegedy, ICML 2015, arXiv:1502.03167, Sec. 3.1 and Algorithm 2.
@@ -17,6 +20,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,7 +31,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 
-__all__ = ("FoldTrace", "fold_bn", "qualified_name")
+__all__ = ("FoldTrace", "fold_bn", "fold_branches", "qualified_name")
 
 Array = jax.Array
 
@@ -130,6 +134,118 @@ def fold_bn(
   s_b = s.reshape((1,) * (kernel.ndim - 1) + (out,))
   new_kernel = kernel.astype(dtype) * s_b
   return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
+
+
+# One branch of fold_branches: (kernel, bias, params, state); kernel None: the identity.
+_Branch = tuple[Array | None, Array | None, BNParams, BNState | BNAccState]
+
+
+def fold_branches(
+  branches: Sequence[_Branch], *, groups: int = 1, epsilon: float = DEFAULTS.epsilon
+) -> tuple[Array, Array]:
+  r"""Folds summed parallel branches of convolution + batch norm into one convolution.
+
+  A RepVGG or MobileOne block in inference computes
+  ``sum_i bn_infer(params_i, state_i, conv_i(x))``, where each branch is a
+  convolution (any kernel size, padded to keep the size: ``k // 2``, the same
+  strides and groups for all) followed by batch norm, or a batch norm alone
+  on ``x`` (the identity branch). Each branch folds by :func:`fold_bn`; the
+  identity branch is the convolution whose kernel is 1 at its center from
+  input channel ``c`` to output channel ``c`` (grouped: ``c mod C/groups``);
+  kernels smaller than the largest are zero-padded around their center. The
+  sum of the folded kernels and biases is one convolution::
+
+      kernel = sum_i pad(kernel_i * s_i),   s_i = scale_i / sqrt(var_i + epsilon)
+      bias   = sum_i (bias_i - mean_i) * s_i + beta_i
+
+  and ``conv(x, kernel) + bias`` (padding ``K // 2``) is the block's output,
+  to float32 rounding.
+
+  Args:
+    branches: ``(kernel, bias, params, state)`` per branch: an ``HWIO``
+      kernel (``(*spatial, in/groups, out)``) and its bias or ``None``, then
+      the batch norm's :class:`jaxbn.BNParams` and state; ``kernel=None`` (and
+      ``bias=None``) for the identity branch, whose batch norm has the block's
+      ``out`` features (it needs ``in == out`` and stride 1).
+    groups: the convolutions' ``feature_group_count``.
+    epsilon: the batch norms' epsilon.
+
+  Returns:
+    ``(kernel, bias)``: the largest branch's kernel shape, in the first
+    kernel's dtype, and a bias of shape ``(out,)``.
+
+  Raises:
+    ValueError: no convolution branch; kernels that disagree on rank, on
+      ``in/groups`` and ``out``, or whose sizes differ by an odd number (no
+      common center); the identity branch's batch norm not of ``out`` features.
+
+  Examples:
+    A 3x3 branch, a 1x1 branch and an identity branch on 2 channels:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxbn
+    >>> ks = jax.random.split(jax.random.key(0), 3)
+    >>> k3, k1 = jax.random.normal(ks[0], (3, 3, 2, 2)), jax.random.normal(ks[1], (1, 1, 2, 2))
+    >>> bn = [jaxbn.bn_init(2) for _ in range(3)]
+    >>> bn = [(p, s._replace(var=s.var * (i + 2))) for i, (p, s) in enumerate(bn)]
+    >>> branches = [(k3, None, *bn[0]), (k1, None, *bn[1]), (None, None, *bn[2])]
+    >>> kernel, bias = jaxbn.fold_branches(branches)
+    >>> kernel.shape, bias.shape
+    ((3, 3, 2, 2), (2,))
+    >>> x = jax.random.normal(ks[2], (1, 5, 5, 2))
+    >>> conv = lambda x, k: jax.lax.conv_general_dilated(
+    ...   x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> block = sum(jaxbn.bn_infer(p, s, y) for (p, s), y in zip(bn, [conv(x, k3), conv(x, k1), x]))
+    >>> bool(jnp.allclose(conv(x, kernel) + bias, block, rtol=1e-5, atol=1e-5))
+    True
+
+  References:
+    Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021,
+    arXiv:2101.03697, Sec. 3.3; Vasu et al., "MobileOne", CVPR 2023,
+    arXiv:2206.04040; Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 2.
+  """
+  fn = "fold_branches"
+  convs = [jnp.asarray(k) for k, *_ in branches if k is not None]
+  if not convs:
+    raise ValueError(f"{fn}: needs at least one convolution branch (a kernel), got none.")
+  ranks = {k.ndim for k in convs}
+  if len(ranks) != 1 or convs[0].ndim < 3:
+    raise ValueError(
+      f"{fn}: kernels must share one rank of at least 3 (*spatial, in/groups, out); got "
+      f"shapes {[k.shape for k in convs]}."
+    )
+  io = {k.shape[-2:] for k in convs}
+  if len(io) != 1:
+    raise ValueError(f"{fn}: kernels disagree on (in/groups, out): {[k.shape for k in convs]}.")
+  (cin, out), nsp = io.pop(), convs[0].ndim - 2
+  size = tuple(max(k.shape[d] for k in convs) for d in range(nsp))
+  dtype = convs[0].dtype
+  total_k = jnp.zeros((*size, cin, out), jnp.float64 if dtype == jnp.float64 else jnp.float32)
+  total_b = jnp.zeros((out,), total_k.dtype)
+  for i, (kernel, bias, params, state) in enumerate(branches):
+    if kernel is None:
+      if params.scale.shape != (out,) or out % groups or out // groups != cin:
+        raise ValueError(
+          f"{fn}: branch {i} is the identity (a batch norm alone), so it needs {out} features "
+          f"and in = out ({cin} * groups {groups} = {cin * groups} input channels given); its "
+          f"batch norm has shape {params.scale.shape}."
+        )
+      center = tuple(s // 2 for s in size)
+      channel = jnp.arange(out)
+      kernel = (
+        jnp.zeros((*size, cin, out), total_k.dtype).at[(*center, channel % cin, channel)].set(1)
+      )
+    kernel = jnp.asarray(kernel)
+    pad = [size[d] - kernel.shape[d] for d in range(nsp)]
+    if any(p % 2 for p in pad):
+      raise ValueError(
+        f"{fn}: branch {i}'s kernel {kernel.shape[:nsp]} and the largest {size} differ by an "
+        f"odd number: they have no common center."
+      )
+    k, b = fold_bn(kernel.astype(total_k.dtype), bias, params, state, epsilon=epsilon)
+    total_k = total_k + jnp.pad(k, [(p // 2, p // 2) for p in pad] + [(0, 0), (0, 0)])
+    total_b = total_b + b
+  return total_k.astype(dtype), total_b.astype(dtype)
 
 
 # --------------------------------------------------------------------------

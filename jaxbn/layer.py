@@ -154,7 +154,7 @@ class BNLayer:
     if feature_shape is None:
       feature_shape = getattr(module, "feature_shape", None)
     if feature_shape is None and getattr(module, "mean", None) is not None:
-      feature_shape = jnp.shape(module.mean[...])
+      feature_shape = np.shape(module.mean[...])
     return cls(
       feature_shape=None if feature_shape is None else tuple(feature_shape),
       options=options,

@@ -39,8 +39,9 @@ def test_the_core_install_is_the_core_and_each_extra_installs_its_packages():
   for module, (distribution, extra) in extras.OPTIONAL.items():
     assert distribution not in core, module
     assert distribution in _names(extras_table[extra]), (module, extra)
-    if extra != "torch":  # PyTorch stays its own extra (a large install)
+    if extra not in ("torch", "deploy"):  # PyTorch and the deployment tools: large installs
       assert distribution in _names(extras_table["all"]), module
+    if extra != "torch":  # the test command installs PyTorch with its own pin
       assert distribution in _names(extras_table["test"]), module
 
 
@@ -178,6 +179,19 @@ def _equinox(tmp_path, monkeypatch):
   importlib.import_module("jaxbn.equinox")
 
 
+def _qwix(tmp_path):
+  import jaxbn.deploy
+
+  jaxbn.deploy.register_qwix()
+
+
+def _onnx(tmp_path, monkeypatch):
+  import jaxbn.deploy
+
+  monkeypatch.setattr(jaxbn.deploy, "_onnx_plugin", None)  # not registered yet
+  jaxbn.deploy.register_onnx()
+
+
 CASES = [
   ("orbax", "jaxbn.training.save_checkpoint", _save),
   ("orbax", "jaxbn.training.restore_checkpoint", _restore),
@@ -187,13 +201,15 @@ CASES = [
   ("matplotlib", "jaxbn.reproduce.write_figures", _figures),
   ("torch", "jaxbn.torch", _torch),
   ("equinox", "jaxbn.equinox", _equinox),
+  ("qwix", "jaxbn.deploy.register_qwix", _qwix),
+  ("jax2onnx", "jaxbn.deploy.register_onnx", _onnx),
 ]
 
 
 @pytest.mark.parametrize("top, what, call", CASES, ids=[c[1] for c in CASES])
 def test_a_missing_extra_is_an_import_error_naming_it(tmp_path, monkeypatch, top, what, call):
   _block(monkeypatch, top)
-  args = (tmp_path, monkeypatch) if call in (_figures, _equinox) else (tmp_path,)
+  args = (tmp_path, monkeypatch) if call in (_figures, _equinox, _onnx) else (tmp_path,)
   with pytest.raises(ImportError, match=_message(top, what)):
     call(*args)
 

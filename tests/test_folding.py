@@ -1,6 +1,7 @@
 """fold_bn and whole-model folding: BN-free layers with the same inference output."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -187,3 +188,105 @@ def test_folding_refuses_models_it_does_not_know():
     jaxbn.fold_linen(MLP(use_bn=False), {})
   with pytest.raises(ValueError, match="'hidden'"):
     jaxbn.fold_params({"layers": []}, ())
+
+
+# ------------------------------------------------------------------------ branch folding
+
+
+def _conv_count(fn, *args):
+  """The convolutions in the jaxpr of ``fn(*args)``, nested jaxprs included."""
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "conv_general_dilated"
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _random_block_variables(block, x, seed):
+  """Random weights, and random running statistics and affine parameters in every batch norm."""
+  variables = block.init(jax.random.key(seed), x, train=False)
+  rng = np.random.default_rng(seed)
+
+  def randomize(path, t):
+    name = jax.tree_util.keystr(path)
+    if "bn" not in name:
+      return t
+    if "var" in name:
+      return jnp.asarray(rng.uniform(0.2, 3.0, t.shape), t.dtype)
+    if "scale" in name:
+      return jnp.asarray(rng.uniform(0.5, 2.0, t.shape), t.dtype)
+    return jnp.asarray(rng.normal(size=t.shape), t.dtype)
+
+  return jax.tree_util.tree_map_with_path(randomize, variables)
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {},  # RepVGG: 3x3 + 1x1 + identity
+    {"num_conv_branches": 3, "groups": 8},  # MobileOne, depthwise
+    {"strides": 2},  # no identity branch where the shape changes
+    {"kernel_size": 5, "scale_branch": False},
+  ],
+  ids=["repvgg", "mobileone-depthwise", "stride2", "5x5-identity"],
+)
+def test_rep_block_folds_into_one_convolution(kwargs):
+  from jaxbn.models import RepBlock
+
+  block = RepBlock(features=8, **kwargs)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8)) * 2 + 1
+  variables = _random_block_variables(block, x, 1)
+  deployed, folded = block.reparameterize(variables)
+  want = jax.jit(lambda v, x: block.apply(v, x, train=False))(variables, x)
+  got = jax.jit(lambda v, x: deployed.apply(v, x, train=False))(folded, x)
+  err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  assert err <= 1e-5, err
+  branches = kwargs.get("num_conv_branches", 1) + kwargs.get("scale_branch", True)
+  assert _conv_count(lambda x: block.apply(variables, x, train=False), x) == branches
+  assert _conv_count(lambda x: deployed.apply(folded, x, train=False), x) == 1
+  has_identity = "identity_bn" in variables["params"]
+  assert has_identity == (kwargs.get("strides", 1) == 1)
+
+
+def test_fold_branches_against_a_float64_sum_of_branches():
+  rng = np.random.default_rng(3)
+  k3 = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+  k1 = rng.normal(size=(1, 1, 4, 4)).astype(np.float32)
+  b1 = rng.normal(size=4).astype(np.float32)
+  bns = [_bn(4, s) for s in range(3)]
+  x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32) * 3
+  kernel, bias = jaxbn.fold_branches(
+    [(k3, None, *bns[0]), (k1, b1, *bns[1]), (None, None, *bns[2])], epsilon=EPS
+  )
+  with jax.enable_x64(True):
+    x64 = x.astype(np.float64)
+    branches = [
+      _conv(x64, k3.astype(np.float64)),
+      np.asarray(_conv(x64, k1.astype(np.float64))) + b1.astype(np.float64),
+      x64,
+    ]
+    want = sum(
+      bn_infer_ref(np.asarray(y), p.scale, p.bias, s.mean, s.var, epsilon=EPS)
+      for y, (p, s) in zip(branches, bns, strict=True)
+    )
+    got = np.asarray(_conv(x64, np.asarray(kernel, np.float64))) + np.asarray(bias, np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_fold_branches_names_what_cannot_fold():
+  p4, s4 = _bn(4, 0)
+  p2, s2 = _bn(2, 0)
+  k = jnp.ones((3, 3, 2, 4))
+  with pytest.raises(ValueError, match="at least one convolution branch"):
+    jaxbn.fold_branches([(None, None, p4, s4)])
+  with pytest.raises(ValueError, match=r"branch 1 is the identity.*in = out"):
+    jaxbn.fold_branches([(k, None, p4, s4), (None, None, p4, s4)])
+  with pytest.raises(ValueError, match="differ by an odd number"):
+    jaxbn.fold_branches([(k, None, p4, s4), (jnp.ones((2, 2, 2, 4)), None, p4, s4)])
+  with pytest.raises(ValueError, match="disagree on"):
+    jaxbn.fold_branches([(k, None, p4, s4), (jnp.ones((1, 1, 2, 2)), None, p2, s2)])

@@ -20,7 +20,9 @@ Three versions with the same hyper-parameters:
 And ResNets with torchvision's structure and layer names, in linen
 (:class:`ResNet`, :func:`resnet18`, :func:`resnet34`, :func:`resnet50`,
 :func:`resnet101`; :mod:`jaxbn.models.resnet`), into which
-:func:`jaxbn.torch.from_torch_resnet` ports torchvision's and timm's.
+:func:`jaxbn.torch.from_torch_resnet` ports torchvision's and timm's; and
+:class:`RepBlock`, a RepVGG/MobileOne block of parallel conv + batch-norm
+branches that folds into one convolution (:mod:`jaxbn.models.repvgg`).
 
 Every model takes its batch-norm options as one :class:`jaxbn.BNOptions`
 (``bn_options=BNOptions(momentum=0.9, axis_name='batch')``), passed as it is
@@ -58,6 +60,7 @@ from jaxbn.models.linen import CNN
 from jaxbn.models.linen import MLP
 from jaxbn.models.nnx import NNXCNN
 from jaxbn.models.nnx import NNXMLP
+from jaxbn.models.repvgg import RepBlock
 from jaxbn.models.resnet import ResNet
 from jaxbn.models.resnet import resnet18
 from jaxbn.models.resnet import resnet34
@@ -70,6 +73,7 @@ __all__ = (
   "NNXCNN",
   "NNXMLP",
   "PREACTIVATION",
+  "RepBlock",
   "ResNet",
   "apply_cnn",
   "apply_mlp",

@@ -121,7 +121,8 @@ class CNN(nn.Module):
       if self.use_bn:
         x = jbn_linen.BatchNorm(use_running_average=not train, options=self.bn_options)(x)
       self.sow("intermediates", PREACTIVATION, x)
-      x = nn.max_pool(jax.nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
+      # window_shape by keyword, as jax2onnx (ONNX export) patches nn.max_pool to take it.
+      x = nn.max_pool(jax.nn.relu(x), window_shape=(2, 2), strides=(2, 2), padding="SAME")
     return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(flatten(x))
 
   def fold_pairs(self) -> list[tuple[str, str, BNOptions]]:

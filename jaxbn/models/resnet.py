@@ -25,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxbn import linen as jbn_linen
 from jaxbn.core import DEFAULTS
@@ -164,7 +165,11 @@ class ResNet(nn.Module):
       name="conv1",
     )(x)
     x = nn.relu(norm("bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+    # torch's MaxPool2d(3, 2, padding=1): padding with -inf, then a VALID pool (the same
+    # values; jax2onnx 0.17 exports nn.max_pool's explicit padding wrongly, and patches it with
+    # a keyword-only signature).
+    x = jnp.pad(x, ((0, 0), *_pad(3), (0, 0)), constant_values=-jnp.inf)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
         x = _Block(
