@@ -108,8 +108,8 @@ def register_qwix() -> None:
       ops.setdefault(ours, ops[flax])
     return ops
 
-  get_all_ops._jaxbn = True  # pyright: ignore[reportFunctionMemberAccess]
-  odml_ops.get_all_ops = get_all_ops
+  setattr(get_all_ops, "_jaxbn", True)  # noqa: B010 -- marks it registered (idempotence)
+  setattr(odml_ops, "get_all_ops", get_all_ops)  # noqa: B010 -- qwix's table, replaced
 
 
 _onnx_plugin: Any = None

@@ -47,6 +47,7 @@ PUBLIC_MODULES = (
   "jaxbn.layer",
   "jaxbn.population",
   "jaxbn.folding",
+  "jaxbn.deploy",
   "jaxbn.linen",
   "jaxbn.nnx",
   "jaxbn.equinox",

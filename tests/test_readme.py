@@ -11,6 +11,7 @@ import io
 import pathlib
 import re
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,7 +83,16 @@ def test_snippet_prints_what_the_page_says(page, line, code):
     pytest.importorskip("torch")
   expected = [m.group(1) for m in map(PRINTS.search, code.splitlines()) if m]
   out = io.StringIO()
-  with contextlib.redirect_stdout(out):
+  # qwix and jax2onnx need JAX's default promotion rules (conftest.py makes them strict).
+  third_party = re.search(r"^import (qwix|jax2onnx)|^from (qwix|jax2onnx)", code, re.M)
+  rules = (
+    (jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"))
+    if third_party
+    else ()
+  )
+  with contextlib.redirect_stdout(out), contextlib.ExitStack() as stack:
+    for rule in rules:
+      stack.enter_context(rule)
     exec(compile("\n" * (line - 1) + code, str(page), "exec"), {"__name__": "__main__"})
   printed = [s for s in out.getvalue().splitlines() if s.strip()]
   assert len(printed) == len(expected), (printed, expected)
