@@ -196,7 +196,7 @@ def fold_branches(
     >>> conv = lambda x, k: jax.lax.conv_general_dilated(
     ...   x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     >>> block = sum(jaxbn.bn_infer(p, s, y) for (p, s), y in zip(bn, [conv(x, k3), conv(x, k1), x]))
-    >>> bool(jnp.allclose(conv(x, kernel) + bias, block, rtol=1e-5, atol=1e-5))
+    >>> bool(jnp.allclose(conv(x, kernel) + bias[None, None, None], block, rtol=1e-5, atol=1e-5))
     True
 
   References:
