@@ -1,7 +1,7 @@
 """The old name of :mod:`jaxbn.torch`, kept for one release.
 
 The PyTorch port was this one module before it became the package
-:mod:`jaxbn.torch`, which has the same public names. Importing
+:mod:`jaxbn.torch`, which has its public names (and later ones). Importing
 ``jaxbn.torch_port`` warns with a :class:`FutureWarning` (shown by default,
 whichever frame the import machinery charges it to) and re-exports
 them: ``from jaxbn.torch_port import from_torch`` becomes
