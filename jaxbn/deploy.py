@@ -23,6 +23,8 @@ One call each registers :class:`jaxbn.linen.BatchNorm` and
   ``BatchNormalization`` node (between two transposes for rank > 2, as
   flax's); other axes export as jaxbn's arithmetic. A batch norm in training
   mode is exported in inference mode, with a warning, as flax's plugin does.
+  (jax2onnx 0.17.1 cannot export a ResNet with several blocks per stage in
+  this form, with flax's batch norm either: see :func:`register_onnx`.)
 
 Both need ``pip install 'jaxbn[deploy]'`` (qwix, jax2onnx, onnxruntime) and
 are idempotent. Folding first (:func:`jaxbn.linen.fold_linen`,
@@ -116,11 +118,16 @@ _onnx_plugin: Any = None
 
 
 def _onnx_options(module: Any, x: Any) -> tuple[Any, bool]:
-  """The module's merged options, and whether one ONNX node fits (features last, rank >= 2)."""
+  """The module's merged options, and whether one ONNX node fits.
+
+  It fits with the features on the last axis, rank >= 2, and float32 or float64 input: jaxbn
+  normalizes half-precision input in float32, which a node of the input's dtype would not.
+  """
   options = BNLayer.of(module).options
   axes = (options.axis,) if isinstance(options.axis, int) else tuple(options.axis)
   ndim = np.ndim(x)
-  return options, ndim >= 2 and tuple(a % ndim for a in axes) == (ndim - 1,)
+  wide = np.dtype(x.dtype) in (np.dtype(np.float32), np.dtype(np.float64))
+  return options, wide and ndim >= 2 and tuple(a % ndim for a in axes) == (ndim - 1,)
 
 
 def _bind(prim: Any, module: Any, x: Any, options: Any, stats: tuple, training: bool) -> Any:
@@ -162,7 +169,14 @@ def register_onnx() -> Any:
   reuses the lowering of jax2onnx's plugin for ``flax.nnx.BatchNorm``
   (transposes to channel-first around the node for rank > 2). The modules'
   ``__call__`` is replaced only while ``to_onnx`` traces. A batch norm whose
-  features are on another axis is exported as jaxbn's arithmetic.
+  features are on another axis, or whose input is half precision (which
+  jaxbn normalizes in float32), is exported as jaxbn's arithmetic.
+
+  jax2onnx 0.17.1 mis-shapes a residual ``Add`` after such nodes in models
+  with more than one block per stage (a ResNet-18; with flax's
+  ``BatchNorm`` and jax2onnx's own plugin too): the file does not load in
+  onnxruntime. Such models export correctly without this registration, as
+  elementwise nodes.
 
   Returns:
     The plugin class (registered once; later calls return it).

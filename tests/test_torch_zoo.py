@@ -26,6 +26,8 @@ from torchvision.ops import FrozenBatchNorm2d
 import jaxbn
 from jaxbn import torch as jtorch
 
+pytestmark = pytest.mark.slow  # end-to-end against torch / the tools: the full suite runs it
+
 torch.set_num_threads(1)  # the test machines are small and shared
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -199,18 +201,14 @@ def _check_resnet(name, size, batch=2):
     errs = jax.tree.map(lambda g, w: _rel(g, np.asarray(w)), updates["batch_stats"], torch_stats)
     result["stats_rel"] = max(jax.tree.leaves(errs))
     assert result["stats_rel"] <= STATS_RTOL, f"{name} running statistics: {errs}"
-  else:  # frozen: training mode is evaluation mode, in torch and in jaxbn
-    logits = model.apply(variables, xj, train=True)
-    np.testing.assert_allclose(logits, model.apply(variables, xj, train=False), rtol=1e-6)
+  else:  # frozen: training mode normalizes with the buffers too, in torch and in jaxbn
+    with torch.no_grad():
+      want = _np(tm.train()(x))
+    result["train_rel"] = _rel(model.apply(variables, xj, train=True), want)
+    assert result["train_rel"] <= LOGITS_RTOL, f"{name} train logits: {result['train_rel']:.2e}"
   return result
 
 
-def test_resnet18_port_small_images():
-  r = _check_resnet("tv-resnet18", size=64, batch=4)
-  assert r["eval_rel"] < LOGITS_RTOL
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_resnet_port_matches_torch_at_224(name, record_property):
   r = _check_resnet(name, size=224)
@@ -226,6 +224,35 @@ def test_port_reads_groups_width_and_classes():
   assert variables["params"]["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 4, 128)
   wide = jtorch.from_torch_resnet(torchvision.models.wide_resnet50_2())[0]
   assert (wide.groups, wide.width_per_group) == (1, 128)
+  # A small grouped bottleneck ResNet computes as torch's.
+  from torchvision.models.resnet import Bottleneck
+  from torchvision.models.resnet import ResNet
+
+  small = _randomize(ResNet(Bottleneck, [1, 2, 1, 1], num_classes=5, groups=4, width_per_group=8))
+  model, variables = jtorch.from_torch_resnet(small.eval())
+  x = _x((2, 3, 32, 32))
+  with torch.no_grad():
+    want = _np(small(x))
+  got = model.apply(variables, jtorch.nchw_to_nhwc(x), train=False)
+  assert _rel(got, want) <= LOGITS_RTOL
+
+
+def _with(model, name, module):
+  setattr(model, name, module)
+  return model
+
+
+def _without_maxpool():
+  """The CIFAR change: the stem's max pool removed (the logits would differ silently)."""
+  return _with(torchvision.models.resnet18(), "maxpool", torch.nn.Identity())
+
+
+def _momentum_none():
+  model = torchvision.models.resnet18()
+  for m in model.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.momentum = None
+  return model
 
 
 @pytest.mark.parametrize(
@@ -237,15 +264,28 @@ def test_port_reads_groups_width_and_classes():
     ),
     (
       lambda: timm.create_model("seresnet18"),
-      r"layer1.0.se \(SEModule\) is not in torchvision's ResNet",
+      "layer1.0.se is a SEModule, which torchvision's ResNet does not have there",
     ),
     (
       lambda: torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True]),
       r"layer4.0.conv2 is .*dilation",
     ),
     (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), "not a ResNet"),
+    (lambda: _without_maxpool(), "no max pool after its stem"),
+    (lambda: _with(torchvision.models.resnet18(), "maxpool", torch.nn.MaxPool2d(2)), "MaxPool2d"),
+    (lambda: torchvision.models.resnet18(norm_layer=torch.nn.Identity), "bn1 is an Identity"),
+    (lambda: _momentum_none(), "momentum=None"),
   ],
-  ids=["deep-stem", "squeeze-excitation", "dilation", "not-a-resnet"],
+  ids=[
+    "deep-stem",
+    "squeeze-excitation",
+    "dilation",
+    "not-a-resnet",
+    "no-maxpool",
+    "other-maxpool",
+    "no-batch-norm",
+    "momentum-none",
+  ],
 )
 def test_port_refuses_what_the_resnet_cannot_hold(make, match):
   with pytest.raises(ValueError, match=match):
@@ -271,5 +311,19 @@ def test_rename_nests_and_drops_layers():
   v = jtorch.from_torch_model(net, rename=lambda n: names.get(n, n))
   assert sorted(v["params"]["block"]) == ["bn", "conv"] and "2" not in v["params"]
   assert sorted(v["batch_stats"]) == ["block"]
-  with pytest.raises(ValueError, match="two torch layers are renamed to 'x'"):
+  with pytest.raises(ValueError, match="puts '1' at 'x', on or inside the path of '0'"):
     jtorch.from_torch_model(net, rename=lambda n: n and "x")
+  with pytest.raises(ValueError, match="puts '1' at 'blk/bn', on or inside the path of '0'"):
+    jtorch.from_torch_model(net, rename={"0": "blk", "1": "blk/bn"}.get)
+  # None leaves any module out, one with weights jaxbn does not convert too.
+  with_norm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(2))
+  with pytest.raises(ValueError, match=r"LayerNorm.*rename that returns None"):
+    jtorch.from_torch_model(with_norm)
+  v = jtorch.from_torch_model(with_norm, rename=lambda n: None if n == "1" else n)
+  assert sorted(v["params"]) == ["0"]
+
+
+def test_weights_inside_a_fused_batch_norm_are_not_dropped():
+  tbn = BatchNormAct2d(3, act_layer=torch.nn.PReLU)  # PReLU has a weight
+  with pytest.raises(ValueError, match=r"0.act \(PReLU\) \(inside a batch norm\) holds"):
+    jtorch.from_torch_model(torch.nn.Sequential(tbn))

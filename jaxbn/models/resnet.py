@@ -7,10 +7,11 @@ stage after the first halves the resolution), a global average pool and a
 dense head. Every convolution is followed by batch norm and has no bias; a
 block whose shape changes has a ``1x1`` convolution and batch norm on its
 shortcut. The layers carry torch's names (``conv1``, ``bn1``,
-``layer1_0/conv1``, ``layer1_0/downsample_0``, ``fc``), so that
-:func:`jaxbn.torch.from_torch_resnet` ports a torchvision or timm ResNet's
-weights by renaming ``layer1.0.`` to ``layer1_0/`` and ``downsample.0`` to
-``downsample_0``.
+``layer1_0/conv1``, ``fc``), so that :func:`jaxbn.torch.from_torch_resnet`
+ports a torchvision or timm ResNet's weights by renaming ``layer1.0.`` to
+``layer1_0/``; the shortcut's ``downsample.0`` and ``downsample.1`` are
+``downsample_conv`` and ``downsample_bn`` (a batch norm's name ends in ``bn``,
+so that :func:`jaxbn.training.freeze_bn_affine` and the other masks find it).
 
 References:
   He et al., "Deep Residual Learning for Image Recognition", CVPR 2016,
@@ -50,7 +51,7 @@ def _pad(k: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class _Block(nn.Module):
-  """One residual block, named as torchvision's (``conv1``, ``bn1``, ..., ``downsample_0/1``)."""
+  """One residual block: ``conv1``, ``bn1``, ..., ``downsample_conv``, ``downsample_bn``."""
 
   planes: int
   strides: int
@@ -83,7 +84,7 @@ class _Block(nn.Module):
       y = nn.relu(self.norm(name="bn2")(conv(width, 3, self.strides, "conv2", self.groups)(y)))
       y = self.norm(name="bn3")(conv(out, 1, 1, "conv3")(y))
     if self.strides != 1 or x.shape[-1] != out:
-      x = self.norm(name="downsample_1")(conv(out, 1, self.strides, "downsample_0")(x))
+      x = self.norm(name="downsample_bn")(conv(out, 1, self.strides, "downsample_conv")(x))
     return nn.relu(y + x)
 
 

@@ -133,7 +133,9 @@ class TorchSettings(NamedTuple):
       its running statistics in training too (:func:`jaxbn.bn_infer`, the
       modules with ``use_running_average=True``), and its scale and bias are
       buffers, not trained (:func:`jaxbn.training.freeze_bn_affine`).
-      ``momentum`` is then 1: the statistics never move.
+      ``momentum`` is then 1: the statistics never move. An nnx module's
+      ``.train()`` sets ``use_running_average=False``: call a frozen layer
+      with ``use_running_average=True``, or keep it out of ``.train()``.
     activation: the JAX function of the activation a fused batch norm
       applies to its output (timm's ``BatchNormAct2d``: ``jax.nn.relu`` for
       ``act_layer=nn.ReLU``), or ``None`` (no activation, or ``nn.Identity``).

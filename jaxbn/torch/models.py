@@ -32,8 +32,6 @@ def _put(tree: dict[str, Any], path: str, value: Any) -> None:
   *parents, leaf = path.split("/")
   for p in parents:
     tree = tree.setdefault(p, {})
-  if leaf in tree:
-    raise ValueError(f"from_torch_model: two torch layers are renamed to {path!r}.")
   tree[leaf] = value
 
 
@@ -88,33 +86,44 @@ def from_torch_model(
   torch = _torch()
   nn = torch.nn
   out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
+  placed: dict[str, str] = {}  # flax path -> torch name
   for name, m in model.named_modules():
     path = name if rename is None else rename(name)
+    if path is None:
+      continue
+    own = [n for n, _ in m.named_parameters(recurse=False)]
+    own += [n for n, b in m.named_buffers(recurse=False) if b is not None]
+    layer = _is_batch_norm(m) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    if layer:
+      clash = [
+        t
+        for p, t in placed.items()
+        if p == path or f"{p}/".startswith(f"{path}/") or f"{path}/".startswith(f"{p}/")
+      ]
+      if clash:
+        raise ValueError(
+          f"from_torch_model: rename puts {name!r} at {path!r}, on or inside the path of "
+          f"{clash[0]!r}; every layer needs a path of its own."
+        )
+      placed[path] = name
     if _is_batch_norm(m):
-      if path is None:
-        continue
       v = from_torch_linen(m, bn, batch_values=batch_values)
       if v["params"]:
         _put(out["params"], path, v["params"])
       _put(out["batch_stats"], path, v["batch_stats"])
-    elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-      if path is None:
-        continue
+    elif layer:
       conv = not isinstance(m, nn.Linear)
       p = {"kernel": torch_conv_kernel(m.weight) if conv else torch_linear_kernel(m.weight)}
       if m.bias is not None:
         p["bias"] = _to_jax(m.bias)
       _put(out["params"], path, p)
-    elif _inside_batch_norm(model, name):
-      continue  # a fused batch norm's activation or drop layer
-    else:
-      own = [n for n, _ in m.named_parameters(recurse=False)]
-      own += [n for n, b in m.named_buffers(recurse=False) if b is not None]
-      if own:
-        raise ValueError(
-          f"from_torch_model: {name or 'the model'} ({type(m).__name__}) holds {own}; "
-          f"only Conv1d/2d/3d, Linear and batch norms are converted. Convert it by hand."
-        )
+    elif own:
+      inside = " (inside a batch norm)" if _inside_batch_norm(model, name) else ""
+      raise ValueError(
+        f"from_torch_model: {name or 'the model'} ({type(m).__name__}){inside} holds {own}; "
+        f"only Conv1d/2d/3d, Linear and batch norms are converted. Convert it by hand, or "
+        f"leave it out with a rename that returns None for it."
+      )
   return out
 
 
@@ -138,22 +147,23 @@ _RESNET_NAME = re.compile(r"^(layer\d)\.(\d+)(?:\.(.*))?$")
 def resnet_rename(name: str) -> str | None:
   """A torchvision/timm ResNet's module name as the path of :class:`jaxbn.models.ResNet`'s layer.
 
-  ``"layer1.0.conv1"`` -> ``"layer1_0/conv1"``, ``"layer2.0.downsample.1"``
-  -> ``"layer2_0/downsample_1"``; the stem and head keep their names
+  ``"layer1.0.conv1"`` -> ``"layer1_0/conv1"``, ``"layer2.0.downsample.0"``
+  (``.1``) -> ``"layer2_0/downsample_conv"`` (``downsample_bn``); the stem and head keep their names
   (``"conv1"``, ``"bn1"``, ``"fc"``). The argument ``rename`` of
   :func:`from_torch_model`.
 
   Examples:
     >>> from jaxbn.torch import resnet_rename
     >>> resnet_rename("layer2.0.downsample.1"), resnet_rename("fc")
-    ('layer2_0/downsample_1', 'fc')
+    ('layer2_0/downsample_bn', 'fc')
   """
   m = _RESNET_NAME.match(name)
   if m is None:
     return name
   stage, block, rest = m.groups()
   path = f"{stage}_{block}"
-  return path if rest is None else f"{path}/{rest.replace('downsample.', 'downsample_')}"
+  rest = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(rest, rest)
+  return path if rest is None else f"{path}/{rest}"
 
 
 def _resnet_geometry(model: Any) -> dict[str, tuple]:
@@ -178,20 +188,27 @@ def _resnet_geometry(model: Any) -> dict[str, tuple]:
   return geometry
 
 
-# Modules without weights that a ResNet may hold besides convs, batch norms and the head:
-# activations and pools torchvision's and timm's ResNet-18/50 have, and containers.
-_RESNET_OTHERS = (
-  "ReLU",
-  "MaxPool2d",
-  "AdaptiveAvgPool2d",
-  "SelectAdaptivePool2d",
-  "Flatten",
-  "Identity",
-  "Sequential",
-  "BasicBlock",
-  "Bottleneck",
-  "ResNet",
-)
+# Containers, and what the modules without weights of torchvision's and timm's ResNet-18/50 are.
+_RESNET_CONTAINERS = ("Sequential", "BasicBlock", "Bottleneck", "ResNet")
+_RESNET_IDENTITIES = ("aa", "drop_block", "drop_path", "flatten")  # timm's no-ops
+
+
+def _weightless_problem(name: str, m: Any) -> str | None:
+  """Why ``m`` at ``name`` is not what torchvision's (or timm's) ResNet has there, or ``None``."""
+  kind, last = type(m).__name__, name.rpartition(".")[2]
+  if kind in _RESNET_CONTAINERS or kind in ("ReLU", "Flatten"):
+    return None
+  if kind == "Identity":
+    return None if last in _RESNET_IDENTITIES else "an Identity where a layer belongs"
+  if kind == "MaxPool2d":
+    got = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    ok = name == "maxpool" and got in ((3, 2, 1, 1, False), ((3, 3), (2, 2), (1, 1), (1, 1), False))
+    return None if ok else f"MaxPool2d with (kernel, stride, padding, dilation, ceil) {got}"
+  if kind == "AdaptiveAvgPool2d":
+    return None if m.output_size in (1, (1, 1)) else f"an average pool to {m.output_size}"
+  if kind == "SelectAdaptivePool2d":
+    return None if m.pool_type == "avg" else f"a {m.pool_type!r} global pool"
+  return f"a {kind}"
 
 
 def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -201,8 +218,9 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
   ``width_per_group`` (ResNeXt, wide ResNets), the number of classes and the
   batch norm (``BatchNorm2d`` or ``FrozenBatchNorm2d``, its epsilon and
   momentum: :func:`jaxbn.torch.torch_settings`) from ``model``, checks that
-  every layer is where torchvision's structure puts it, with its geometry,
-  and converts the weights and running statistics with
+  every layer is where torchvision's structure puts it, with its geometry
+  (convolutions and pools; activations, flattens and timm's no-op layers
+  are the only other modules allowed), and converts the weights and running statistics with
   :func:`from_torch_model` and :func:`resnet_rename`. Pretrained weights a
   user has downloaded port the same way: load them into the torch model
   first. The flax model takes NHWC images: ``jaxbn.torch.nchw_to_nhwc(x)``.
@@ -225,7 +243,8 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
   Raises:
     ValueError: a layer torchvision's structure does not have (a deep stem,
       an anti-aliasing pool, squeeze-excitation, an average-pool shortcut, a
-      dilation), batch norms of both kinds or with different settings.
+      dilation, a missing or different max pool), batch norms of both kinds,
+      with different settings or with torch's ``momentum=None``.
 
   Examples:
     >>> import torchvision
@@ -247,6 +266,8 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
   except AttributeError as e:
     raise ValueError(f"{what} does not have torchvision's stages and blocks ({e}).") from None
   bns = {n: m for n, m in model.named_modules() if _is_batch_norm(m)}
+  if not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+    raise ValueError(f"{what} has no max pool after its stem (maxpool); torchvision's ResNet has.")
   for name, m in model.named_modules():
     if name in geometry:
       conv = isinstance(m, nn.Conv2d) and m.bias is None
@@ -259,10 +280,10 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
         )
     elif name in bns or _inside_batch_norm(model, name) or name == "fc":
       continue
-    elif type(m).__name__ not in _RESNET_OTHERS:
+    elif (problem := _weightless_problem(name, m)) is not None:
       raise ValueError(
-        f"{what}: {name} ({type(m).__name__}) is not in torchvision's ResNet; port this "
-        f"architecture with a flax model of its own and from_torch_model(model, rename=...)."
+        f"{what}: {name} is {problem}, which torchvision's ResNet does not have there; port "
+        f"this architecture with a flax model of its own and from_torch_model(model, rename=...)."
       )
   if not isinstance(model.fc, nn.Linear):
     raise ValueError(f"{what}: fc is {type(model.fc).__name__}, not a Linear.")
@@ -281,6 +302,14 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
   s = next(iter(settings.values()))
   if not (s.affine and s.track_running_stats):
     raise ValueError(f"{what}: its batch norms need affine=True and track_running_stats=True.")
+  if s.momentum is None:
+    # torch's cumulative average weighs each batch equally; a module's momentum is a constant.
+    raise ValueError(
+      f"{what}: its batch norms have momentum=None (torch's cumulative average), which "
+      f"jaxbn.models.ResNet cannot train as torch does; set a momentum on them first, or port "
+      f"the layers with from_torch_model and train them with jaxbn.bn_train and "
+      f"torch_settings(m).train_kwargs(state)."
+    )
   blocks = [getattr(model, f"layer{i}") for i in range(1, 5)]
   bottleneck = hasattr(blocks[0][0], "conv3")
   conv2 = blocks[0][0].conv2
