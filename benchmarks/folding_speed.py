@@ -72,6 +72,19 @@ def _calibrated(model, variables, x, seed: int):
   return jaxbn.linen_population_stats(model, variables, [x], train=True, progress=False)
 
 
+def _compare(name: str, reps: int, with_bn: tuple, folded: tuple, x) -> dict:
+  """Interleaved medians of two jitted ``(fn, variables)`` on ``x``, and their difference."""
+  (f_bn, v_bn), (f_fold, v_fold) = with_bn, folded
+  a, b = f_bn(v_bn, x), f_fold(v_fold, x)  # compile
+  err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(a))))
+  t_bn, t_fold = [], []
+  for _ in range(reps):
+    t_bn.append(_time(f_bn, v_bn, x))
+    t_fold.append(_time(f_fold, v_fold, x))
+  m_bn, m_fold = statistics.median(t_bn), statistics.median(t_fold)
+  return dict(name=name, bn_ms=1e3 * m_bn, folded_ms=1e3 * m_fold, speedup=m_bn / m_fold, err=err)
+
+
 def run(reps: int) -> list[dict]:
   rows = []
   for name, model, shape in CASES:
@@ -80,16 +93,7 @@ def run(reps: int) -> list[dict]:
     folded, folded_vars = jaxbn.fold_linen(model, variables)
     with_bn = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
     without = jax.jit(lambda v, x, m=folded: m.apply(v, x, train=False))
-    a, b = with_bn(variables, x), without(folded_vars, x)  # compile
-    err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(a))))
-    t_bn, t_fold = [], []
-    for _ in range(reps):
-      t_bn.append(_time(with_bn, variables, x))
-      t_fold.append(_time(without, folded_vars, x))
-    m_bn, m_fold = statistics.median(t_bn), statistics.median(t_fold)
-    rows.append(
-      dict(name=name, bn_ms=1e3 * m_bn, folded_ms=1e3 * m_fold, speedup=m_bn / m_fold, err=err)
-    )
+    rows.append(_compare(name, reps, (with_bn, variables), (without, folded_vars), x))
   return rows
 
 
@@ -124,17 +128,7 @@ def run_branches(reps: int) -> list[dict]:
 
       return jax.jit(apply)
 
-    with_bn, without = stack(block), stack(deployed)
-    a, b = with_bn(vs, x), without(fvs, x)  # compile
-    err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(a))))
-    t_bn, t_fold = [], []
-    for _ in range(reps):
-      t_bn.append(_time(with_bn, vs, x))
-      t_fold.append(_time(without, fvs, x))
-    m_bn, m_fold = statistics.median(t_bn), statistics.median(t_fold)
-    rows.append(
-      dict(name=name, bn_ms=1e3 * m_bn, folded_ms=1e3 * m_fold, speedup=m_bn / m_fold, err=err)
-    )
+    rows.append(_compare(name, reps, (stack(block), vs), (stack(deployed), fvs), x))
   return rows
 
 
