@@ -47,6 +47,7 @@ from jaxbn import linen as jbn_linen  # noqa: F401
 from jaxbn import nnx as jbn_nnx  # noqa: F401
 from jaxbn.extras import require
 from jaxbn.layer import BNLayer
+from jaxbn.layer import features_last
 
 __all__ = ("ONNX_PRIMITIVE", "QWIX_NAMES", "register_onnx", "register_qwix")
 
@@ -124,10 +125,9 @@ def _onnx_options(module: Any, x: Any) -> tuple[Any, bool]:
   normalizes half-precision input in float32, which a node of the input's dtype would not.
   """
   options = BNLayer.of(module).options
-  axes = (options.axis,) if isinstance(options.axis, int) else tuple(options.axis)
   ndim = np.ndim(x)
   wide = np.dtype(x.dtype) in (np.dtype(np.float32), np.dtype(np.float64))
-  return options, wide and ndim >= 2 and tuple(a % ndim for a in axes) == (ndim - 1,)
+  return options, wide and ndim >= 2 and features_last(options.axis, ndim)
 
 
 def _bind(prim: Any, module: Any, x: Any, options: Any, stats: tuple, training: bool) -> Any:

@@ -30,6 +30,7 @@ from jaxbn.core import DEFAULTS
 from jaxbn.core import BNAccState
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.layer import features_last
 
 __all__ = ("FoldTrace", "fold_bn", "fold_branches", "qualified_name")
 
@@ -302,8 +303,7 @@ class FoldTrace:
       )
     else:
       ndim = jnp.ndim(x)
-      axes = axis if isinstance(axis, (tuple, list)) else (axis,)
-      if {int(a) % ndim for a in axes} != {ndim - 1}:
+      if not features_last(axis, ndim):
         self.problems.append(
           f"{where} normalizes axis {axis!r} of its {ndim}-d input; folding into "
           f"{self.show(src[1])!r} ({qualified_name(src[2])}) needs the features on the last axis"

@@ -67,7 +67,14 @@ from jaxbn.core import bn_train
 from jaxbn.core import merge_options
 from jaxbn.numerics import stats_dtype
 
-__all__ = ("PARAM_NAMES", "PORTED_COUNT", "STAT_NAMES", "BNLayer", "input_feature_shape")
+__all__ = (
+  "PARAM_NAMES",
+  "PORTED_COUNT",
+  "STAT_NAMES",
+  "BNLayer",
+  "features_last",
+  "input_feature_shape",
+)
 
 PARAM_NAMES: tuple[str, ...] = BNParams._fields
 """Every params entry a layer can store."""
@@ -92,6 +99,21 @@ values moves them by the weight ``n / (PORTED_COUNT + n)``. It is a power of 2,
 exact in float32, and small enough that ``var * count`` stays finite for any
 variance below 3e26.
 """
+
+
+def features_last(axis: int | Sequence[int], ndim: int) -> bool:
+  """Whether ``axis`` names exactly the last axis of a rank-``ndim`` input.
+
+  What a batch norm needs to fold into the layer before it (whose output
+  features are its last axis) or to be one ONNX ``BatchNormalization`` node.
+
+  Examples:
+    >>> from jaxbn.layer import features_last
+    >>> features_last(-1, 4), features_last((3,), 4), features_last(1, 4)
+    (True, True, False)
+  """
+  axes: Sequence[int] = (axis,) if isinstance(axis, (int, np.integer)) else axis
+  return ndim >= 1 and {int(a) % ndim for a in axes} == {ndim - 1}
 
 
 def input_feature_shape(x: Any, axis: int | Sequence[int]) -> tuple[int, ...]:

@@ -1,11 +1,19 @@
-"""Independent float64 NumPy references (Algorithms 1 and 2), and a fresh interpreter for tests."""
+"""Independent float64 NumPy references (Algorithms 1 and 2), and what several tests share.
+
+A fresh interpreter for tests (:func:`run_python`), and non-trivial batch-norm values in a model's
+variables (:func:`perturb_bn`).
+"""
 
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxbn.training.masks import _BN_NAME  # how the optimizer masks recognise a batch norm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,6 +29,29 @@ def run_python(code: str) -> str:
   )
   assert proc.returncode == 0, proc.stderr
   return proc.stdout.strip()
+
+
+def perturb_bn(tree, seed):
+  """Non-trivial scale, bias, mean and var for every batch norm of a variables tree.
+
+  A batch norm is a subtree whose name the optimizer masks recognise (``BatchNorm_0``, ``bn``,
+  ``bn_1``, ``downsample_bn``), or a leaf named ``mean``/``var`` (the core's state); var and
+  scale are drawn in [0.3, 3), the rest from a standard normal, so that a wrong formula shows.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, t):
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if names[-1] == "value":  # an nnx Variable's
+      names.pop()
+    in_bn = any(_BN_NAME.search(n) for n in names[:-1]) or names[-1] in ("mean", "var")
+    if not in_bn or names[-1] in ("count", "step"):
+      return t
+    if names[-1] in ("var", "scale"):
+      return jnp.asarray(rng.uniform(0.3, 3.0, t.shape), t.dtype)
+    return jnp.asarray(rng.normal(size=t.shape), t.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def feature_axes(ndim, axis):

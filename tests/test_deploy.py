@@ -27,6 +27,7 @@ import jaxbn
 import jaxbn.deploy
 from jaxbn import linen as jbn_linen
 from jaxbn import nnx as jbn_nnx
+from tests.reference import perturb_bn
 from tests.reference import run_python
 
 pytestmark = pytest.mark.slow  # end-to-end against torch / the tools: the full suite runs it
@@ -162,22 +163,9 @@ def _export(fn, x):
   return ops, float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def _random_bn(variables, seed=2):
-  """Non-trivial affine parameters and statistics in every batch norm, so a wrong formula shows."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, t):
-    name = jax.tree_util.keystr(path).lower()
-    if "batchnorm" not in name and "bn" not in name:
-      return t
-    return jnp.asarray(rng.uniform(0.5, 2.0, t.shape), t.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, variables)
-
-
 def test_onnx_nnx_batch_norm_is_one_node():
   model = NnxNet(jbn_nnx.BatchNorm, nnx.Rngs(0))
-  nnx.update(model, _random_bn(nnx.state(model)))
+  nnx.update(model, perturb_bn(nnx.state(model), 2))
   model.eval()
   ops, rel = _export(model, X)
   assert ops["BatchNormalization"] == 1, ops
@@ -193,7 +181,7 @@ def test_onnx_linen_batch_norm_is_one_node_when_features_are_last(axis):
       x = jbn_linen.BatchNorm(use_running_average=True, axis=axis, epsilon=1e-3)(x)
       return nn.relu(jbn_linen.BatchNorm(use_running_average=True)(x))
 
-  variables = _random_bn(Net().init(jax.random.key(0), X))
+  variables = perturb_bn(Net().init(jax.random.key(0), X), 2)
   ops, rel = _export(lambda x: Net().apply(variables, x), X)
   # Another feature axis exports as jaxbn's arithmetic: correct, but not the ONNX node.
   assert ops["BatchNormalization"] == (2 if axis == -1 else 1), ops
@@ -205,7 +193,7 @@ def test_onnx_of_a_resnet_and_of_folded_models():
   # mis-shapes the residual Add of a block after a strided one (see the next test).
   model = jaxbn.models.ResNet(stage_sizes=(1, 1, 1, 1), num_classes=5)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = _random_bn(jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x))
+  variables = perturb_bn(jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x), 2)
   ops, rel = _export(lambda x: model.apply(variables, x, train=False), x)
   assert ops["BatchNormalization"] == 12, ops  # the stem's, 2 + 3 + 3 + 3 in the blocks
   assert variables["batch_stats"]["layer2_0"]["downsample_bn"]["var"][0] != 1  # randomized too
@@ -214,14 +202,14 @@ def test_onnx_of_a_resnet_and_of_folded_models():
   # the bias Add of fold_linen's wrapper, as the residual Add above), and a reparameterized block.
   cnn = jaxbn.models.CNN(features=(4, 8))
   xs = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-  v = _random_bn(cnn.init(jax.random.key(1), xs, train=False))
+  v = perturb_bn(cnn.init(jax.random.key(1), xs, train=False), 2)
   _, fv = jbn_linen.fold_linen(cnn, v, xs, train=False)
   ops, rel = _export(lambda x: cnn.without_batch_norm().apply(fv, x, train=False), xs)
   assert ops["BatchNormalization"] == 0 and ops["Conv"] == 2, ops
   assert rel <= 1e-5, rel
   block = jaxbn.models.RepBlock(8)
   xb = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
-  vb = _random_bn(block.init(jax.random.key(1), xb, train=False))
+  vb = perturb_bn(block.init(jax.random.key(1), xb, train=False), 2)
   ops, _ = _export(lambda x: block.apply(vb, x, train=False), xb)
   assert ops["BatchNormalization"] == 3 and ops["Conv"] == 2, ops
   deployed, dv = block.reparameterize(vb)

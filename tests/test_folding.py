@@ -8,6 +8,7 @@ import pytest
 
 import jaxbn
 from tests.reference import bn_infer_ref
+from tests.reference import perturb_bn
 
 EPS = 1e-5
 
@@ -99,22 +100,6 @@ def test_mismatched_shapes_are_named():
 # Whole models of jaxbn.models.
 
 
-def _perturb_bn(tree, seed):
-  """Non-trivial scale, bias, mean and var for every batch norm of a variables tree."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, t):
-    name = jax.tree_util.keystr(path)
-    in_bn = "BatchNorm" in name or "'bn'" in name or name.endswith((".mean", ".var"))
-    if not in_bn or "count" in name or "step" in name:
-      return t
-    if "var" in name or "scale" in name:
-      return jnp.asarray(rng.uniform(0.3, 3.0, t.shape), t.dtype)
-    return jnp.asarray(rng.normal(size=t.shape), t.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, tree)
-
-
 def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
@@ -131,7 +116,7 @@ def test_fold_linen_model_gives_the_same_inference_output(cnn):
     else MLP(features=(16, 12), bn_options=jaxbn.BNOptions(epsilon=1e-3))
   )
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
-  variables = _perturb_bn(model.init(jax.random.key(1), x, train=False), 2)
+  variables = perturb_bn(model.init(jax.random.key(1), x, train=False), 2)
   assert float(jnp.abs(variables["batch_stats"]["BatchNorm_1"]["mean"]).max()) > 0
   folded, folded_vars = jaxbn.fold_linen(model, variables)
   assert not folded.use_bn and set(folded_vars) == {"params"}
@@ -149,7 +134,7 @@ def test_fold_nnx_model_gives_the_same_inference_output(cnn):
   rngs = nnx.Rngs(0)
   model = NNXCNN(1, features=(4, 6), rngs=rngs) if cnn else NNXMLP(64, (16, 12), rngs=rngs)
   graphdef, state = nnx.split(model)
-  model = nnx.merge(graphdef, _perturb_bn(state, 3))
+  model = nnx.merge(graphdef, perturb_bn(state, 3))
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
   assert float(jnp.abs(model.bn[1].mean[...]).max()) > 0
   folded = jaxbn.fold_nnx(model)
@@ -169,7 +154,7 @@ def test_fold_params_of_plain_jax_models(cnn):
   else:
     params, state = models.init_mlp(jax.random.key(1), 64, (16, 12))
     apply = models.apply_mlp
-  params, state = _perturb_bn((params, state), 4)
+  params, state = perturb_bn((params, state), 4)
   assert float(jnp.abs(state[0].mean).max()) > 0  # not the initial statistics
   folded = jaxbn.fold_params(params, state)
   want, _ = apply(params, state, x, train=False)
@@ -207,24 +192,6 @@ def _conv_count(fn, *args):
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _random_block_variables(block, x, seed):
-  """Random weights, and random running statistics and affine parameters in every batch norm."""
-  variables = block.init(jax.random.key(seed), x, train=False)
-  rng = np.random.default_rng(seed)
-
-  def randomize(path, t):
-    name = jax.tree_util.keystr(path)
-    if "bn" not in name:
-      return t
-    if "var" in name:
-      return jnp.asarray(rng.uniform(0.2, 3.0, t.shape), t.dtype)
-    if "scale" in name:
-      return jnp.asarray(rng.uniform(0.5, 2.0, t.shape), t.dtype)
-    return jnp.asarray(rng.normal(size=t.shape), t.dtype)
-
-  return jax.tree_util.tree_map_with_path(randomize, variables)
-
-
 @pytest.mark.parametrize(
   "kwargs",
   [
@@ -240,7 +207,7 @@ def test_rep_block_folds_into_one_convolution(kwargs):
 
   block = RepBlock(features=8, **kwargs)
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8)) * 2 + 1
-  variables = _random_block_variables(block, x, 1)
+  variables = perturb_bn(block.init(jax.random.key(1), x, train=False), 1)
   deployed, folded = block.reparameterize(variables)
   want = jax.jit(lambda v, x: block.apply(v, x, train=False))(variables, x)
   got = jax.jit(lambda v, x: deployed.apply(v, x, train=False))(folded, x)

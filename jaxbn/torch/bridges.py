@@ -22,7 +22,7 @@ from jaxbn.linen import write_variables
 from jaxbn.nnx import read_module
 from jaxbn.nnx import write_module
 from jaxbn.torch.layer import _check_bn_module
-from jaxbn.torch.layer import _is_frozen
+from jaxbn.torch.layer import _momentum
 from jaxbn.torch.layer import _tensors
 from jaxbn.torch.layer import _torch
 from jaxbn.torch.layer import from_torch
@@ -47,13 +47,7 @@ def _target_layout(fn: str, source: Any, bn: Any, prefix: str, batch_values: Any
   params, state = from_torch(source, prefix=prefix, batch_values=batch_values)
   if bn is None:
     affine = _tensors(fn, source, prefix).weight is not None
-    module = _bn_module(source, prefix)
-    # torch's default momentum for a state dict; a frozen layer's statistics never move.
-    frozen = module is not None and _is_frozen(module)
-    momentum = 0.0 if frozen else getattr(module, "momentum", 0.1)
-    options = BNOptions(
-      momentum=None if momentum is None else 1.0 - float(momentum), running_var="unbiased"
-    )
+    options = BNOptions(momentum=_momentum(_bn_module(source, prefix)), running_var="unbiased")
     layer = BNLayer(state.mean.shape, options, params.scale.dtype, affine, affine)
   else:
     layer = BNLayer.of(bn, state.mean.shape)

@@ -263,25 +263,27 @@ def torch_settings(module: Any) -> TorchSettings:
   """
   fn = "torch_settings"
   _check_bn_module(fn, module)
-  activation = _activation(fn, module)
-  if _is_frozen(module):
-    return TorchSettings(
-      momentum=1.0,
-      epsilon=float(module.eps),
-      running_var="unbiased",
-      affine=True,
-      track_running_stats=True,
-      frozen=True,
-      activation=activation,
-    )
+  frozen = _is_frozen(module)  # buffers only: always affine and tracking, never updated
   return TorchSettings(
-    momentum=None if module.momentum is None else 1.0 - float(module.momentum),
+    momentum=_momentum(module),
     epsilon=float(module.eps),
     running_var="unbiased",
-    affine=bool(module.affine),
-    track_running_stats=bool(module.track_running_stats),
-    activation=activation,
+    affine=frozen or bool(module.affine),
+    track_running_stats=frozen or bool(module.track_running_stats),
+    frozen=frozen,
+    activation=_activation(fn, module),
   )
+
+
+def _momentum(module: Any) -> float | None:
+  """jaxbn's momentum for a torch batch norm: ``1 - torch's``; 1 for a frozen one (no update).
+
+  ``None`` for torch's ``momentum=None``; torch's default 0.1 for ``module=None`` (a state dict).
+  """
+  if module is not None and _is_frozen(module):
+    return 1.0
+  m = 0.1 if module is None else module.momentum
+  return None if m is None else 1.0 - float(m)
 
 
 # --------------------------------------------------------------------------
@@ -323,16 +325,14 @@ def _tensors(fn: str, source: Any, prefix: str) -> _Tensors:
     if prefix:
       source = source.get_submodule(prefix.rstrip("."))
     _check_bn_module(fn, source)
-    if _is_frozen(source):  # buffers only; no num_batches_tracked, no num_features
-      w = source.weight
-      return _Tensors(w, source.bias, source.running_mean, source.running_var, None, w.shape[0])
+    frozen = _is_frozen(source)  # buffers only; no num_batches_tracked, no num_features
     return _Tensors(
       source.weight,
       source.bias,
       source.running_mean,
       source.running_var,
-      source.num_batches_tracked,
-      int(source.num_features),
+      None if frozen else source.num_batches_tracked,
+      int(source.weight.shape[0] if frozen else source.num_features),
     )
   if not isinstance(source, Mapping):
     raise TypeError(

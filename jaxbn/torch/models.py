@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from jaxbn import linen as jbn_linen
 from jaxbn.core import BNOptions
 from jaxbn.torch.bridges import from_torch_linen
 from jaxbn.torch.layer import _is_batch_norm
@@ -93,12 +94,14 @@ def from_torch_model(
       continue
     own = [n for n, _ in m.named_parameters(recurse=False)]
     own += [n for n, b in m.named_buffers(recurse=False) if b is not None]
-    layer = _is_batch_norm(m) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    is_bn = _is_batch_norm(m)
+    layer = is_bn or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
     if layer:
+      # The same path, or one inside the other ("a" and "a/b"; not "a" and "ab").
       clash = [
         t
         for p, t in placed.items()
-        if p == path or f"{p}/".startswith(f"{path}/") or f"{path}/".startswith(f"{p}/")
+        if f"{p}/".startswith(f"{path}/") or f"{path}/".startswith(f"{p}/")
       ]
       if clash:
         raise ValueError(
@@ -106,7 +109,7 @@ def from_torch_model(
           f"{clash[0]!r}; every layer needs a path of its own."
         )
       placed[path] = name
-    if _is_batch_norm(m):
+    if is_bn:
       v = from_torch_linen(m, bn, batch_values=batch_values)
       if v["params"]:
         _put(out["params"], path, v["params"])
@@ -166,11 +169,16 @@ def resnet_rename(name: str) -> str | None:
   return path if rest is None else f"{path}/{rest}"
 
 
+def _resnet_stages(model: Any) -> tuple[list[Any], bool, Any]:
+  """The four stages, whether their blocks are bottlenecks, and the first block's 3x3 conv."""
+  blocks = [getattr(model, f"layer{i}") for i in range(1, 5)]
+  return blocks, hasattr(blocks[0][0], "conv3"), blocks[0][0].conv2
+
+
 def _resnet_geometry(model: Any) -> dict[str, tuple]:
   """torch name -> (kernel, stride, padding, dilation, groups) of each conv torchvision's has."""
-  blocks = [getattr(model, f"layer{i}") for i in range(1, 5)]
-  bottleneck = hasattr(blocks[0][0], "conv3")
-  groups = blocks[0][0].conv2.groups
+  blocks, bottleneck, conv2 = _resnet_stages(model)
+  groups = conv2.groups
   geometry = {"conv1": ((7, 7), (2, 2), (3, 3), (1, 1), 1)}
   for i, stage in enumerate(blocks):
     for j in range(len(stage)):
@@ -310,9 +318,7 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
       f"the layers with from_torch_model and train them with jaxbn.bn_train and "
       f"torch_settings(m).train_kwargs(state)."
     )
-  blocks = [getattr(model, f"layer{i}") for i in range(1, 5)]
-  bottleneck = hasattr(blocks[0][0], "conv3")
-  conv2 = blocks[0][0].conv2
+  blocks, bottleneck, conv2 = _resnet_stages(model)
   flax_model = ResNet(
     stage_sizes=tuple(len(b) for b in blocks),
     block="bottleneck" if bottleneck else "basic",
@@ -326,23 +332,17 @@ def from_torch_resnet(model: Any, *, dtype: Any = None) -> tuple[Any, dict[str, 
     width_per_group=int(conv2.out_channels // conv2.groups) if bottleneck else 64,
     dtype=dtype,
   )
-  variables = from_torch_model(model, _module_of(flax_model), rename=resnet_rename)
+  bn = jbn_linen.BatchNorm(options=flax_model.bn_options)  # what every batch norm there is
+  variables = from_torch_model(model, bn, rename=resnet_rename)
   x = jax.ShapeDtypeStruct((1, 64, 64, int(model.conv1.in_channels)), jax.numpy.float32)
   shapes = jax.eval_shape(lambda x: flax_model.init(jax.random.key(0), x, train=False), x)
   want = jax.tree.map(lambda a: (a.shape, a.dtype), dict(shapes))
   got = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+  if want != got:
     raise ValueError(
       f"{what}: its converted weights do not fit jaxbn.models.ResNet ({_tree_diff(want, got)})."
     )
   return flax_model, variables
-
-
-def _module_of(flax_model: Any) -> Any:
-  """The :class:`jaxbn.linen.BatchNorm` every batch norm of ``flax_model`` is."""
-  from jaxbn import linen as jbn_linen
-
-  return jbn_linen.BatchNorm(options=flax_model.bn_options)
 
 
 def _tree_diff(want: Any, got: Any) -> str:
