@@ -16,7 +16,10 @@ feature axis is ``axis`` (default ``-1``: channel-last, flax's ``NHWC`` and
 (:func:`jaxbn.torch.nchw_to_nhwc`); Equinox's layer sees one example
 ``(C, *spatial)`` and normalizes its axis 0 (a whole batch: axis 1). A batch
 split over devices or vmapped examples names that axis with ``axis_name``.
-Ghost batches split the first reduced axis into contiguous groups.
+Ghost batches split the first reduced axis into contiguous groups. Several
+inputs may share one set of statistics (``x`` a tuple, :func:`bn_train`):
+they agree in the feature axes, and their reduced axes are pooled as if
+concatenated, without a concatenation.
 
 Everything here is a pure function of small immutable pytrees: ``params``
 (:class:`BNParams`, trained by gradient descent) and ``state``
@@ -392,11 +395,13 @@ class _Layout(NamedTuple):
   bshape: tuple[int, ...]  # feature_shape broadcast against x
 
 
-def _layout(fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...]) -> _Layout:
+def _layout(
+  fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...], name: str = "x"
+) -> _Layout:
   if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
     dtype = getattr(x, "dtype", type(x).__name__)
     raise TypeError(
-      f"{fn}: x must be a floating-point array (float32, bfloat16, ...), got "
+      f"{fn}: {name} must be a floating-point array (float32, bfloat16, ...), got "
       f"dtype {dtype}; cast it first, e.g. x.astype(jnp.float32)."
     )
   if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
@@ -414,7 +419,7 @@ def _layout(fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...]) -> _L
   for a in axes:
     if not isinstance(a, (int, np.integer)) or not -x.ndim <= a < x.ndim:
       raise ValueError(
-        f"{fn}: axis {a!r} is out of range for x of shape {x.shape} "
+        f"{fn}: axis {a!r} is out of range for {name} of shape {x.shape} "
         f"(ndim {x.ndim}); expected an int in [{-x.ndim}, {x.ndim - 1}]."
       )
     feature_axes.append(int(a) % x.ndim)
@@ -424,7 +429,7 @@ def _layout(fn: str, x: Array, axis: Axis, feature_shape: tuple[int, ...]) -> _L
   got = tuple(x.shape[a] for a in feature_axes)
   if got != feature_shape:
     raise ValueError(
-      f"{fn}: x of shape {x.shape} has feature shape {got} along axis "
+      f"{fn}: {name} of shape {x.shape} has feature shape {got} along axis "
       f"{axis!r}, but params/state were made for {feature_shape} "
       f"(bn_init({feature_shape[0] if len(feature_shape) == 1 else feature_shape})). "
       f"Check the axis argument (NCHW input needs axis=1)."
@@ -480,22 +485,66 @@ def _check_tree(fn: str, params: BNParams | None, state: BNState | BNAccState) -
   return shape
 
 
-def _check_mask(fn: str, mask: Any, x: Array) -> Array:
+def _check_mask(fn: str, mask: Any, x: Array, name: str = "mask", xname: str = "x") -> Array:
   """The mask, broadcast against ``x`` as NumPy (and flax) do: trailing axes."""
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
-    raise TypeError(f"{fn}: mask must be boolean, got dtype {mask.dtype}.")
+    raise TypeError(f"{fn}: {name} must be boolean, got dtype {mask.dtype}.")
   try:
     fits = np.broadcast_shapes(mask.shape, x.shape) == tuple(x.shape)
   except ValueError:
     fits = False
   if not fits:
     raise ValueError(
-      f"{fn}: mask of shape {mask.shape} does not broadcast to x's shape {x.shape}; "
-      f"it is aligned with x's trailing axes, as in NumPy (a mask of shape (C,) "
+      f"{fn}: {name} of shape {mask.shape} does not broadcast to {xname}'s shape {x.shape}; "
+      f"it is aligned with {xname}'s trailing axes, as in NumPy (a mask of shape (C,) "
       f"selects features; to mask whole examples of an (N, C) batch use mask[:, None])."
     )
   return mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+
+
+def _inputs(
+  fn: str, x: Any, axis: Axis, feature_shape: tuple[int, ...]
+) -> tuple[tuple[Array, ...], tuple[_Layout, ...]]:
+  """``x`` as a tuple of inputs (one for an array) and the layout of each.
+
+  A tuple (or list) ``x`` holds inputs that share one set of statistics:
+  each has the feature shape of ``params`` along ``axis`` (taken in each
+  input's own rank), its other axes free.
+  """
+  if not isinstance(x, (tuple, list)):
+    x = _input(x)
+    return (x,), (_layout(fn, x, axis, feature_shape),)
+  if not x:
+    raise ValueError(
+      f"{fn}: x is an empty {type(x).__name__}; pass an array, or a tuple of arrays that "
+      f"share one set of statistics."
+    )
+  xs = tuple(_input(t) for t in x)
+  return xs, tuple(_layout(fn, t, axis, feature_shape, f"x[{i}]") for i, t in enumerate(xs))
+
+
+def _masks(fn: str, mask: Any, xs: tuple[Array, ...], several: bool) -> tuple[Array | None, ...]:
+  """One checked mask (or None) per input."""
+  if not several:
+    return (None if mask is None else _check_mask(fn, mask, xs[0]),)
+  if mask is None:
+    return (None,) * len(xs)
+  if not isinstance(mask, (tuple, list)):
+    raise TypeError(
+      f"{fn}: x is a tuple of {len(xs)} inputs, so mask must be None or a tuple of {len(xs)} "
+      f"masks, one per input (None for an input without one); got a {type(mask).__name__} "
+      f"of shape {np.shape(mask)}."
+    )
+  if len(mask) != len(xs):
+    raise ValueError(
+      f"{fn}: x is a tuple of {len(xs)} inputs, so mask must hold {len(xs)} masks, one per "
+      f"input (None for an input without one); got {len(mask)}."
+    )
+  return tuple(
+    None if m is None else _check_mask(fn, m, t, f"mask[{i}]", f"x[{i}]")
+    for i, (m, t) in enumerate(zip(mask, xs, strict=True))
+  )
 
 
 def _axis_names(axis_name: Any) -> tuple[Any, ...]:
@@ -526,7 +575,7 @@ def _group_size(fn: str, axis_name: Any, axis_index_groups: Any) -> int:
 
 
 class _Config(NamedTuple):
-  reduction_axes: tuple[int, ...]
+  reduction_axes: tuple[tuple[int, ...], ...]  # each input's
   axis_name: Any
   axis_index_groups: Any
   epsilon: float
@@ -538,20 +587,38 @@ def _is_zero(t: Any) -> bool:
   return isinstance(t, SymbolicZero)
 
 
+def _keep(x: Array, red: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of ``x`` with the axes ``red`` reduced to size 1 (the layout of its statistics)."""
+  return tuple(1 if i in red else s for i, s in enumerate(x.shape))
+
+
+def _like(t: Array, x: Array, red: tuple[int, ...]) -> Array:
+  """A per-feature value of the first input's layout in the layout of another input ``x``.
+
+  Inputs that agree in their feature axes have the same feature sizes in the
+  same order, so this is a reshape (free), and none where the layouts agree.
+  """
+  keep = _keep(x, red)
+  return t if t.shape == keep else t.reshape(keep)
+
+
 @functools.lru_cache(maxsize=256)
 def _train_kernel(cfg: _Config):
-  """``kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax)``.
+  """``kernel(xs, scale, bias, masks, shift, ref_mean, ref_var, rmax, dmax)``.
 
-  Returns ``(y, (count, shift, delta, m2))``: the normalized output and the
-  batch's :class:`numerics.Shifted` moments, from ``shift`` (the running
-  mean) in one pass of independent sums and one collective, or from the
-  first pass's mean when ``shift`` proved far from it
+  ``xs`` is a tuple of inputs that share one set of statistics (one input
+  for a plain call), ``masks`` one mask (or None) for each; the per-feature
+  arguments have the first input's layout. Returns ``(ys, (count, shift,
+  delta, m2))``: the normalized outputs, one per input, and the joint
+  :class:`numerics.Shifted` moments of all the inputs, from ``shift`` (the
+  running mean) in one pass of independent sums and one collective, or from
+  the first pass's mean when ``shift`` proved far from it
   (:func:`numerics.shifted_moments`; the returned ``shift`` is the one
   used). It is a
   ``jax.custom_jvp`` whose tangent map is linear in the tangents, so JAX gets
   forward mode (jvp, jacfwd, linearize) directly and reverse mode by
   transposing it. With ``xhat = (x - mu) r``, sums over the valid values of
-  the whole batch (all devices) and ``k = scale r / n``::
+  the whole batch (every input, all devices) and ``k = scale r / n``::
 
       u1    = sum(x_dot),  u2 = sum(xhat x_dot) = r (sum(e x_dot) - delta u1)
       y_dot = scale r x_dot + xhat (scale_dot - k u2) + (bias_dot - k u1)
@@ -562,14 +629,33 @@ def _train_kernel(cfg: _Config):
   ``dx = scale r dy - k (dbias + xhat dscale)``. The per-feature factors
   multiply before broadcasting, so the transpose has exactly two independent
   reductions (``sum(dy)``, ``sum(dy e)``: one collective across devices) and
-  one elementwise pass. The rule computes its primal outputs
-  by calling the kernel itself, so derivatives of every order work.
+  one elementwise pass, per input; each input's sums are added per feature
+  before the collective, and each output and each input's gradient is
+  computed from that input alone (no full-size array spans two inputs). The
+  rule computes its primal outputs by calling the kernel itself, so
+  derivatives of every order work.
   """
   red = cfg.reduction_axes
 
-  def sums(*ts):
-    """Independent sums over the batch; across devices, one collective for all."""
-    s = tuple(jnp.sum(t, red, keepdims=True) for t in ts)
+  def like(t, xs, i):
+    """A per-feature value (of the first input's layout) in the layout of input ``i``."""
+    return t if i == 0 else _like(t, xs[i], red[i])
+
+  def sums(xs, *terms):
+    """Independent sums over the batch of every input; across devices, one collective.
+
+    Each of ``terms`` holds one full-size array per input (None: nothing to add).
+    """
+    out = []
+    for per_input in terms:
+      total = None
+      for i, t in enumerate(per_input):
+        if t is not None:
+          si = jnp.sum(t, red[i], keepdims=True)
+          si = si if i == 0 else si.reshape(_keep(xs[0], red[0]))
+          total = si if total is None else total + si
+      out.append(total)
+    s = tuple(out)
     return s if cfg.axis_name is None else numerics.psum(s, cfg.axis_name, cfg.axis_index_groups)
 
   def affine(scale, bias, count, shift, delta, m2, ref_mean, ref_var, rmax, dmax):
@@ -596,13 +682,19 @@ def _train_kernel(cfg: _Config):
     shift, delta, a, b = jax.lax.optimization_barrier((shift, delta, a, b))
     return (((x.astype(shift.dtype) - shift) - delta) * a + b).astype(x.dtype)
 
+  def outputs(xs, shift, delta, a, b):
+    """One output per input, each from its own input and the joint statistics."""
+    return tuple(
+      output(x, *(like(t, xs, i) for t in (shift, delta, a, b))) for i, x in enumerate(xs)
+    )
+
   @jax.custom_jvp
-  def kernel(x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax):
+  def kernel(xs, scale, bias, masks, shift, ref_mean, ref_var, rmax, dmax):
     dt = shift.dtype
     st = numerics.shifted_moments(
-      x,
+      xs,
       red,
-      mask=mask,
+      mask=masks,
       shift=shift,
       axis_name=cfg.axis_name,
       axis_index_groups=cfg.axis_index_groups,
@@ -611,11 +703,11 @@ def _train_kernel(cfg: _Config):
       always_refine=cfg.always_refine,
     )
     a, b, *_ = affine(scale, bias, *st, ref_mean, ref_var, rmax, dmax)
-    return output(x, st.shift, st.delta, a, b), tuple(st)
+    return outputs(xs, st.shift, st.delta, a, b), tuple(st)
 
   def kernel_jvp(primals, tangents):
-    x, scale, bias, mask, _, ref_mean, ref_var, rmax, dmax = primals
-    x_dot, scale_dot, bias_dot = tangents[:3]  # the rest carry no gradient
+    xs, scale, bias, masks, _, ref_mean, ref_var, rmax, dmax = primals
+    x_dots, scale_dot, bias_dot = tangents[:3]  # the rest carry no gradient
     _, stats = kernel(*primals)
     count, shift, delta, m2 = checkpoint_name(stats, MOMENTS_NAME)
     dt = shift.dtype
@@ -624,14 +716,14 @@ def _train_kernel(cfg: _Config):
     # jax.checkpoint with save_only_these_names(*checkpoint_names) the backward
     # pass recomputes y elementwise from x and the saved statistics, while the
     # kernel call (its reductions and all-reduces) has no output left to recompute.
-    y = output(x, shift, delta, a, b)
+    ys = outputs(xs, shift, delta, a, b)
     n = jnp.where(count > 0, count, 1)
     k = a / n
 
-    def shifted(s):
-      e = x.astype(dt) - s
+    def shifted(i, s):
+      e = xs[i].astype(dt) - like(s, xs, i)
       # Masked-out positions may hold NaN or inf: kept out of every sum.
-      return e if mask is None else jnp.where(jnp.isfinite(e), e, 0)
+      return e if masks[i] is None else jnp.where(jnp.isfinite(e), e, 0)
 
     # The tangent map in terms of e = x - shift (xhat = (e - delta) rstd):
     # sums of e times a full-size array are the cheapest reductions, and the
@@ -639,29 +731,45 @@ def _train_kernel(cfg: _Config):
     # deviations, so `e2 - delta u1` cancels at most a few digits' worth.
     # e_p meets x_dot (u2; in the transpose, dx), e_q meets the output (in
     # the transpose, dscale): one copy for each full-size pass.
-    e_p, e_q = (shifted(c) for c in numerics.copies(shift, 2))
+    c_p, c_q = numerics.copies(shift, 2)
+    e_p = [shifted(i, c_p) for i in range(len(xs))]
+    e_q = [shifted(i, c_q) for i in range(len(xs))]
     zero = jnp.zeros_like(delta)
     v = zero if _is_zero(scale_dot) else scale_dot.astype(dt) * (1 if r is None else r)
     w = zero if _is_zero(bias_dot) else bias_dot.astype(dt)
     if not _is_zero(scale_dot) and d is not None:
       w = w + scale_dot.astype(dt) * d
     delta_dot = m2_dot = zero
-    y_dot = jnp.zeros((), dt)
-    if not _is_zero(x_dot):
-      t = x_dot.astype(dt)
-      if mask is None:
-        u1, e2 = sums(t, e_p * t)
-      else:
-        u1, e2 = sums(jnp.where(mask, t, 0), jnp.where(mask, e_p * t, 0))
+    y_dots = [jnp.zeros((), dt) for _ in xs]
+    ts = [None if _is_zero(x_dot) else x_dot.astype(dt) for x_dot in x_dots]
+    if any(t is not None for t in ts):
+      plain, times_e = [], []  # per input: the terms of u1 and of e2
+      for i, t in enumerate(ts):
+        if t is None:
+          plain.append(None)
+          times_e.append(None)
+        elif masks[i] is None:
+          plain.append(t)
+          times_e.append(e_p[i] * t)
+        else:
+          plain.append(jnp.where(masks[i], t, 0))
+          times_e.append(jnp.where(masks[i], e_p[i] * t, 0))
+      u1, e2 = sums(xs, plain, times_e)
       u2 = rstd * (e2 - delta * u1)  # sum(xhat x_dot)
       v, w = v - k * u2, w - k * u1
-      y_dot = a * t
+      y_dots = [
+        y if t is None else like(a, xs, i) * t
+        for i, (y, t) in enumerate(zip(y_dots, ts, strict=True))
+      ]
       delta_dot, m2_dot = u1 / n, 2 * u2 / rstd
     # xhat v + w = e (rstd v) + (w - delta rstd v)
     rv = rstd * v
-    y_dot = (y_dot + e_q * rv + (w - delta * rv)).astype(y.dtype)
+    y_dots = tuple(
+      (y_dot + e_q[i] * like(rv, xs, i) + like(w - delta * rv, xs, i)).astype(ys[i].dtype)
+      for i, y_dot in enumerate(y_dots)
+    )
     stats_dot = (jnp.zeros_like(count), jnp.zeros_like(shift), delta_dot, m2_dot)
-    return (y, (count, shift, delta, m2)), (y_dot, stats_dot)
+    return (ys, (count, shift, delta, m2)), (y_dots, stats_dot)
 
   kernel.defjvp(kernel_jvp, symbolic_zeros=True)
   return kernel
@@ -750,10 +858,10 @@ def _input(x: Any) -> Any:
   return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
 
 
-def _compute_dtype(x: Array, state: BNState | BNAccState) -> jnp.dtype:
-  """The wider of the input's statistics dtype and the state's."""
-  a, b = stats_dtype(x.dtype), jnp.dtype(state.mean.dtype)
-  return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
+def _compute_dtype(xs: Sequence[Array], state: BNState | BNAccState) -> jnp.dtype:
+  """The widest of the inputs' statistics dtypes and the state's."""
+  dtypes = [stats_dtype(t.dtype) for t in xs]
+  return max((*dtypes, jnp.dtype(state.mean.dtype)), key=lambda d: jnp.finfo(d).bits)
 
 
 def _static_size(dims: Iterable[Any]) -> int | None:
@@ -766,6 +874,11 @@ def _static_size(dims: Iterable[Any]) -> int | None:
   return n
 
 
+# Several inputs (a tuple or list) that share one set of statistics: a tuple of outputs.
+Inputs = tuple[Array, ...] | list[Array]
+
+
+@overload
 def bn_train(
   params: BNParams,
   state: StateT,
@@ -773,6 +886,43 @@ def bn_train(
   options: BNOptions | None = None,
   *,
   mask: Array | None = None,
+  momentum: float | Array | None = ...,
+  epsilon: float = ...,
+  axis: Axis = ...,
+  axis_name: Any = ...,
+  axis_index_groups: Any = ...,
+  ghost_batch_size: int | None = ...,
+  renorm: Renorm | None = ...,
+  ema_warmup: bool = ...,
+  running_var: str = ...,
+  accumulate_steps: int = ...,
+) -> tuple[Array, StateT]: ...
+@overload
+def bn_train(
+  params: BNParams,
+  state: StateT,
+  x: Inputs,
+  options: BNOptions | None = None,
+  *,
+  mask: Sequence[Array | None] | None = None,
+  momentum: float | Array | None = ...,
+  epsilon: float = ...,
+  axis: Axis = ...,
+  axis_name: Any = ...,
+  axis_index_groups: Any = ...,
+  ghost_batch_size: int | None = ...,
+  renorm: Renorm | None = ...,
+  ema_warmup: bool = ...,
+  running_var: str = ...,
+  accumulate_steps: int = ...,
+) -> tuple[tuple[Array, ...], StateT]: ...
+def bn_train(
+  params: BNParams,
+  state: StateT,
+  x: Array | Inputs,
+  options: BNOptions | None = None,
+  *,
+  mask: Array | Sequence[Array | None] | None = None,
   momentum: float | Array | None = FROM_OPTIONS,
   epsilon: float = FROM_OPTIONS,
   axis: Axis = FROM_OPTIONS,
@@ -783,7 +933,7 @@ def bn_train(
   ema_warmup: bool = FROM_OPTIONS,
   running_var: str = FROM_OPTIONS,
   accumulate_steps: int = FROM_OPTIONS,
-) -> tuple[Array, StateT]:
+) -> tuple[Array | tuple[Array, ...], StateT]:
   r"""Normalizes ``x`` with its mini-batch statistics and updates the running ones.
 
   Per feature, over every other axis (Algorithm 1 of the paper)::
@@ -813,7 +963,19 @@ def bn_train(
     state: :class:`BNState` (float32 running statistics).
     x: floating input; any rank >= 1. ``(N, C)`` normalizes each neuron over
       the mini-batch; ``(N, H, W, C)`` each feature map over batch and
-      positions. The output has ``x``'s shape and dtype.
+      positions. The output has ``x``'s shape and dtype. Or a tuple (or
+      list) of inputs that share one set of statistics (joint statistics,
+      e.g. a critic's ``(s, a)`` and ``(s', a')``): each has the feature
+      shape of ``params`` along ``axis`` (taken in its own rank); its other
+      axes are free (batch sizes, positions, even rank, as ``(N, C)`` and
+      ``(N, L, C)`` with ``axis=-1``), and its dtype its own. The statistics
+      are those of every input's values together: for inputs that differ
+      only in the batch axis, ``bn_train`` of their concatenation along it,
+      to float32 rounding, with the same state update. The inputs are not
+      concatenated: each input's sums are added per feature (one collective
+      for all of them under ``axis_name``), and each output is computed from
+      its own input. ``y`` is then a tuple of outputs of the inputs' shapes
+      and dtypes.
     options: a :class:`BNOptions`, or ``None`` for the defaults.
     mask: boolean, aligned with ``x``'s trailing axes as in NumPy
       broadcasting (a mask of ``x``'s shape, or one that broadcasts to it);
@@ -824,7 +986,8 @@ def bn_train(
       the same affine map applied to their ``x`` (normalized with the valid
       positions' statistics); their gradient flows through that map only. A
       feature with no valid position keeps its running statistics and is
-      normalized with its running mean and variance 0.
+      normalized with its running mean and variance 0. For a tuple ``x``, a
+      tuple with one mask (or None) per input.
     momentum: weight of the old running value, or ``None`` for the cumulative
       average.
     epsilon: added to the variance before the square root.
@@ -839,7 +1002,8 @@ def bn_train(
       statistics (Hoffer et al. 2017). The running statistics are updated with
       the whole batch's statistics, so inference is unchanged. Under ``jit``
       with the batch sharded over devices, the per-device batch size gives
-      per-device statistics that need no collective.
+      per-device statistics that need no collective. Not with a tuple ``x``
+      (each ghost batch would lie within one input: nothing to share).
     renorm: a :class:`Renorm` for batch renormalization (Ioffe 2017).
     ema_warmup: count-aware running average. The initial ``mean = 0, var = 1``
       is wrong for the first hundreds of steps of an EMA; with this flag the
@@ -860,13 +1024,16 @@ def bn_train(
       is the position in the cycle. ``1`` (the default) updates on every call.
 
   Returns:
-    ``(y, new_state)``.
+    ``(y, new_state)``; ``y`` a tuple of outputs for a tuple ``x``.
 
   Raises:
-    TypeError: ``x`` is not floating, or ``mask`` is not boolean.
+    TypeError: ``x`` (an input of a tuple ``x``: ``x[i]``) is not floating,
+      or ``mask`` is not boolean (for a tuple ``x``, not a tuple of masks).
     ValueError: the feature shape does not match ``params``; ``axis`` is out of
       range; the statistics would come from a single value per feature; the
-      mask does not broadcast; ``ghost_batch_size`` does not divide the batch.
+      mask does not broadcast; ``ghost_batch_size`` does not divide the batch
+      (or is given with a tuple ``x``); a tuple ``x`` is empty or has another
+      number of masks.
 
   Value checks (finite input) belong to the caller; under
   ``jax.experimental.checkify`` non-finite statistics are caught:
@@ -907,6 +1074,16 @@ def bn_train(
     >>> s.mean.tolist(), s.count.tolist()
     ([2.0, 20.0], [2.0, 2.0])
 
+    Several inputs with one set of statistics (those of their concatenation,
+    which is never formed); batch sizes may differ:
+
+    >>> a, b = jnp.array([[1.0, 10.0]]), jnp.array([[2.0, 20.0], [6.0, 60.0]])
+    >>> (ya, yb), s = jaxbn.bn_train(params, jaxbn.bn_init(2)[1], (a, b), momentum=None)
+    >>> [[round(v, 3) for v in y[:, 0].tolist()] for y in (ya, yb)]  # (x - 3) / sqrt(14 / 3)
+    [[-0.926], [-0.463, 1.389]]
+    >>> s.mean.tolist(), s.count.tolist()  # of 1, 2, 6 and 10, 20, 60
+    ([3.0, 30.0], [3.0, 3.0])
+
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1.
   """
@@ -916,11 +1093,11 @@ def bn_train(
   opts = merge_options(fn, options, given)
   momentum, epsilon, axis, axis_name, axis_index_groups = opts[:5]
   ghost_batch_size, renorm, ema_warmup, running_var, accumulate_steps = opts[5:]
-  x = _input(x)
+  several = isinstance(x, (tuple, list))  # inputs that share one set of statistics
   feature_shape = _check_tree(fn, params, state)
-  lay = _layout(fn, x, axis, feature_shape)
+  xs, lays = _inputs(fn, x, axis, feature_shape)
   _check_options(fn, momentum, epsilon, running_var)
-  mask = None if mask is None else _check_mask(fn, mask, x)
+  masks = _masks(fn, mask, xs, several)
   _check_accumulate_steps(fn, accumulate_steps)
   if accumulate_steps > 1 and not isinstance(state, BNAccState):
     raise ValueError(
@@ -931,24 +1108,37 @@ def bn_train(
 
   ghost_axis = None
   if ghost_batch_size is not None:
-    ghost_axis = lay.reduction_axes[0]  # after the split: one entry per ghost batch
-    x, mask, lay = _split_ghost(fn, x, mask, lay, ghost_batch_size)
+    if several:
+      raise ValueError(
+        f"{fn}: ghost_batch_size={ghost_batch_size} with {len(xs)} inputs in x: ghost batches "
+        f"are groups of rows of one input, each normalized with its own statistics, so "
+        f"nothing would be shared between the inputs. Call bn_train on each input with "
+        f"ghost_batch_size, or on their concatenation (whose ghost batches may span two "
+        f"inputs), or drop ghost_batch_size to normalize them jointly."
+      )
+    ghost_axis = lays[0].reduction_axes[0]  # after the split: one entry per ghost batch
+    x0, m0, lay0 = _split_ghost(fn, xs[0], masks[0], lays[0], ghost_batch_size)
+    xs, masks, lays = (x0,), (m0,), (lay0,)
+  lay = lays[0]  # the per-feature values and statistics take the first input's layout
 
   group = 1 if axis_name is None else _group_size(fn, axis_name, axis_index_groups)
-  local = _static_size(x.shape[i] for i in lay.reduction_axes)
+  sizes = [
+    _static_size(t.shape[i] for i in la.reduction_axes) for t, la in zip(xs, lays, strict=True)
+  ]
+  local = None if None in sizes else sum(cast("list[int]", sizes))
   total = None if local is None else local * group  # None: symbolic (jax.export)
-  where = f"reduced axes {lay.reduction_axes}" + (
-    "" if axis_name is None else f" and axis_name {axis_name!r}"
-  )
+  reduced = tuple(la.reduction_axes for la in lays) if several else lay.reduction_axes
+  where = f"reduced axes {reduced}" + ("" if axis_name is None else f" and axis_name {axis_name!r}")
+  what = f"x of shapes {tuple(t.shape for t in xs)}" if several else f"x of shape {xs[0].shape}"
   if total == 0:
     raise ValueError(
-      f"{fn}: x of shape {x.shape} gives no value per feature to compute batch "
+      f"{fn}: {what} gives no value per feature to compute batch "
       f"statistics over ({where}); training needs at least 2."
     )
   single = total == 1
   if single:
     warnings.warn(
-      f"{fn}: x of shape {x.shape} gives 1 value per feature ({where}): the batch "
+      f"{fn}: {what} gives 1 value per feature ({where}): the batch "
       f"variance is 0, every output is `bias`, and the running statistics are left "
       f"unchanged. To predict, use evaluation mode, which normalizes with the "
       f"running statistics: model.eval() in flax.nnx, use_running_average=True in "
@@ -959,7 +1149,7 @@ def bn_train(
       stacklevel=2,
     )
 
-  cdt = _compute_dtype(x, state)
+  cdt = _compute_dtype(xs, state)
   scale = params.scale.reshape(lay.bshape)
   bias = params.bias.reshape(lay.bshape)
   ref_mean = state.mean.reshape(lay.bshape)
@@ -976,19 +1166,20 @@ def bn_train(
   # batch's mean, the kernel refines it (numerics.shifted_moments).
   shift = checkpoint_name(jax.lax.stop_gradient(ref_mean.astype(cdt)), SHIFT_NAME)
   cfg = _Config(
-    lay.reduction_axes,
+    tuple(la.reduction_axes for la in lays),
     axis_name,
     groups,
     float(epsilon),
     renorm is not None,
     always_refine=ghost_batch_size is not None,
   )
-  y, (count, shift, delta, m2) = _train_kernel(cfg)(
-    x, scale, bias, mask, shift, ref_mean, ref_var, rmax, dmax
+  ys, (count, shift, delta, m2) = _train_kernel(cfg)(
+    xs, scale, bias, masks, shift, ref_mean, ref_var, rmax, dmax
   )
 
+  y = tuple(ys) if several else ys[0]
   if ghost_batch_size is not None:
-    y = y.reshape(_unsplit_shape(y.shape, lay))
+    y = ys[0].reshape(_unsplit_shape(ys[0].shape, lay))
   if single and accumulate_steps == 1:
     return y, state._replace(step=(state.step + 1).astype(state.step.dtype))
   m = jax.lax.stop_gradient(numerics.Shifted(count, shift, delta, m2).moments())
@@ -1075,15 +1266,35 @@ def _unsplit_shape(shape: tuple[int, ...], lay: _Layout) -> tuple[int, ...]:
   return (*shape[:b], shape[b] * shape[b + 1], *shape[b + 2 :])
 
 
+@overload
 def bn_infer(
   params: BNParams,
   state: BNState | BNAccState,
   x: Array,
   options: BNOptions | None = None,
   *,
+  epsilon: float = ...,
+  axis: Axis = ...,
+) -> Array: ...
+@overload
+def bn_infer(
+  params: BNParams,
+  state: BNState | BNAccState,
+  x: Inputs,
+  options: BNOptions | None = None,
+  *,
+  epsilon: float = ...,
+  axis: Axis = ...,
+) -> tuple[Array, ...]: ...
+def bn_infer(
+  params: BNParams,
+  state: BNState | BNAccState,
+  x: Array | Inputs,
+  options: BNOptions | None = None,
+  *,
   epsilon: float = FROM_OPTIONS,
   axis: Axis = FROM_OPTIONS,
-) -> Array:
+) -> Array | tuple[Array, ...]:
   """Normalizes ``x`` with the running statistics (Algorithm 2 of the paper).
 
   One affine map per feature, the same for every example, so the output of
@@ -1098,7 +1309,9 @@ def bn_infer(
   Args:
     params: :class:`BNParams`.
     state: :class:`BNState`.
-    x: floating input; the output has its shape and dtype.
+    x: floating input; the output has its shape and dtype. A tuple of inputs
+      (as :func:`bn_train` takes) gives a tuple of outputs, each input
+      normalized as alone.
     options: a :class:`BNOptions` (only ``epsilon`` and ``axis`` are read),
       or ``None`` for the defaults; the same options as :func:`bn_train`'s.
     epsilon: added to the variance before the square root; overrides
@@ -1122,23 +1335,26 @@ def bn_infer(
   fn = "bn_infer"
   opts = merge_options(fn, options, {"epsilon": epsilon, "axis": axis})
   epsilon, axis = opts.epsilon, opts.axis
-  x = _input(x)
   feature_shape = _check_tree(fn, params, state)
-  lay = _layout(fn, x, axis, feature_shape)
+  xs, lays = _inputs(fn, x, axis, feature_shape)
   _check_options(fn, None, epsilon, "biased")
-  cdt = _compute_dtype(x, state)
-  a = params.scale.astype(cdt) * jax.lax.rsqrt(state.var.astype(cdt) + epsilon)
-  mean = state.mean.astype(cdt).reshape(lay.bshape)
-  y = (x.astype(cdt) - mean) * a.reshape(lay.bshape) + params.bias.astype(cdt).reshape(lay.bshape)
-  return y.astype(x.dtype)
+  ys = []
+  for x1, lay in zip(xs, lays, strict=True):
+    cdt = _compute_dtype((x1,), state)
+    a = params.scale.astype(cdt) * jax.lax.rsqrt(state.var.astype(cdt) + epsilon)
+    mean = state.mean.astype(cdt).reshape(lay.bshape)
+    b = params.bias.astype(cdt)
+    y = (x1.astype(cdt) - mean) * a.reshape(lay.bshape) + b.reshape(lay.bshape)
+    ys.append(y.astype(x1.dtype))
+  return tuple(ys) if isinstance(x, (tuple, list)) else ys[0]
 
 
 def bn_moments(
   state: BNState | BNAccState,
-  x: Array,
+  x: Array | Inputs,
   options: BNOptions | None = None,
   *,
-  mask: Array | None = None,
+  mask: Array | Sequence[Array | None] | None = None,
   axis: Axis = FROM_OPTIONS,
   axis_name: Any = FROM_OPTIONS,
   axis_index_groups: Any = FROM_OPTIONS,
@@ -1156,10 +1372,11 @@ def bn_moments(
 
   Args:
     state: the layer's :class:`BNState` (its shape and dtype are checked).
-    x: floating input, as :func:`bn_train`'s.
+    x: floating input, or a tuple of inputs (their joint moments), as
+      :func:`bn_train`'s.
     options: a :class:`BNOptions` (``axis``, ``axis_name`` and
       ``axis_index_groups`` are read), or ``None`` for the defaults.
-    mask: boolean, as :func:`bn_train`'s.
+    mask: boolean, as :func:`bn_train`'s (a tuple for a tuple of inputs).
     axis: overrides ``options.axis``.
     axis_name: overrides ``options.axis_name``.
     axis_index_groups: overrides ``options.axis_index_groups``.
@@ -1179,16 +1396,17 @@ def bn_moments(
   fn = "bn_moments"
   given = {"axis": axis, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
   opts = merge_options(fn, options, given)
-  x = _input(x)
+  several = isinstance(x, (tuple, list))
   feature_shape = _check_tree(fn, None, state)
-  lay = _layout(fn, x, opts.axis, feature_shape)
-  mask = None if mask is None else _check_mask(fn, mask, x)
+  xs, lays = _inputs(fn, x, opts.axis, feature_shape)
+  masks = _masks(fn, mask, xs, several)
   groups = opts.axis_index_groups
   groups = None if groups is None else tuple(tuple(g) for g in groups)
+  cdt = _compute_dtype(xs, state)
   m = numerics.batch_moments(
-    x.astype(_compute_dtype(x, state)),
-    lay.reduction_axes,
-    mask=mask,
+    tuple(t.astype(cdt) for t in xs) if several else xs[0].astype(cdt),
+    tuple(la.reduction_axes for la in lays) if several else lays[0].reduction_axes,
+    mask=masks if several else masks[0],
     axis_name=opts.axis_name,
     axis_index_groups=groups,
   )

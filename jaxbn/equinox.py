@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.core import Inputs
 from jaxbn.core import StateT
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_moments
@@ -101,6 +103,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     the batch's part; inference with the running statistics. Before any
     training they are ``mean = 0, var = 1`` (equinox leaves them
     uninitialized, so its inference then multiplies ``x`` by about 316).
+
+  Called on a tuple of inputs (``mask`` then a tuple too), it returns a
+  tuple: in training (either mode) the inputs share one set of batch
+  statistics, those of all of them together, with one update of the running
+  ones (:func:`jaxbn.bn_train`'s joint statistics); in inference each input
+  is normalized as alone.
 
   State (an ``eqx.nn.State``), as equinox lays it out: ``"batch"`` mode:
   ``batch_state_index`` (running mean, variance) and ``batch_counter``
@@ -332,16 +340,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
   # The call
 
   def _options_for(self, x: Any) -> BNOptions:
-    """The options with the feature axis of ``x``: the first of an example, or of a batch's."""
-    ndim = jnp.ndim(x)
-    if self.options.axis_name is None and ndim < 2:
-      raise ValueError(
-        f"jaxbn.equinox.BatchNorm: without axis_name the call takes a whole batch of shape "
-        f"(N, {self.input_size}, *spatial), got x of shape {jnp.shape(x)}; to call it on one "
-        f"example at a time, give axis_name and vmap over the batch with that axis_name."
-      )
+    """The options with the feature axis of ``x``: the first of an example, or of a batch's.
+
+    For a tuple of inputs, every one is checked.
+    """
+    for i, t in enumerate(x if isinstance(x, (tuple, list)) else (x,)):
+      if self.options.axis_name is None and jnp.ndim(t) < 2:
+        name = f"x[{i}]" if isinstance(x, (tuple, list)) else "x"
+        raise ValueError(
+          f"jaxbn.equinox.BatchNorm: without axis_name the call takes a whole batch of shape "
+          f"(N, {self.input_size}, *spatial), got {name} of shape {jnp.shape(t)}; to call it "
+          f"on one example at a time, give axis_name and vmap over the batch with that "
+          f"axis_name."
+        )
     return self.options._replace(axis=0 if self.options.axis_name is not None else 1)
 
+  @overload
   def __call__(
     self,
     x: jax.Array,
@@ -350,21 +364,46 @@ class BatchNorm(eqx.nn.StatefulLayer):
     key: Any = None,
     inference: bool | None = None,
     mask: jax.Array | None = None,
-  ) -> tuple[jax.Array, Any]:
+  ) -> tuple[jax.Array, Any]: ...
+  @overload
+  def __call__(
+    self,
+    x: Inputs,
+    state: Any,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: Sequence[jax.Array | None] | None = None,
+  ) -> tuple[tuple[jax.Array, ...], Any]: ...
+  def __call__(
+    self,
+    x: jax.Array | Inputs,
+    state: Any,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: jax.Array | Sequence[jax.Array | None] | None = None,
+  ) -> tuple[jax.Array | tuple[jax.Array, ...], Any]:
     """Normalizes ``x``; in training, returns the state with the new running statistics.
 
     Args:
       x: one example ``(input_size, *spatial)`` under a vmap with
         ``axis_name``, or a whole batch ``(N, input_size, *spatial)`` when
-        ``axis_name`` is None.
+        ``axis_name`` is None. Or a tuple of such inputs that share one set
+        of statistics (:func:`jaxbn.bn_train`'s joint statistics; batches
+        of different sizes without ``axis_name``): in training (either
+        mode), the statistics of all of them together and one update; in
+        inference, each input normalized as alone.
       state: the ``eqx.nn.State`` holding the running statistics.
       key: ignored (equinox's layer signature).
       inference: overrides the ``inference`` attribute.
       mask: boolean, aligned with ``x`` (see :func:`jaxbn.bn_train`): only
         True positions count toward the statistics; ignored in inference.
+        For a tuple ``x``, a tuple of one mask (or None) per input.
 
     Returns:
-      ``(y, state)``: ``y`` with ``x``'s shape and dtype.
+      ``(y, state)``: ``y`` with ``x``'s shape and dtype (for a tuple ``x``,
+      a tuple of them).
 
     Raises:
       NameError: ``axis_name`` is not bound by an enclosing vmap (equinox's error).
@@ -373,13 +412,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if inference is None:
       inference = self.inference
     opts = self._options_for(x)
+    layer = self.layer().replace(options=opts)
     if inference:
       params, s = self.running(state)
-      return bn_infer(params, s, x, opts), state
+      return layer.normalize(params, s, x, use_running_average=True)[0], state
     params, s = self.read(state)
     if self.mode == "batch":
-      y, new = bn_train(params, s, x, opts, mask=mask)
-      return y, self.write(state, new)
+      y, new = layer.normalize(params, s, x, use_running_average=False, mask=mask)
+      return y, self.write(state, cast("BNState | BNAccState", new))  # training: a new state
     first = state.get(self.ema_first_time_index)
     momentum = opts.momentum
     if momentum is not None:  # the first batch fills the running statistics (equinox)

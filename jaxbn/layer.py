@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import cast
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.core import Inputs
 from jaxbn.core import SingleValueWarning
 from jaxbn.core import StateMismatchError
 from jaxbn.core import StateT
@@ -167,10 +169,13 @@ class BNLayer:
     Works for :class:`jaxbn.linen.BatchNorm`, :class:`jaxbn.nnx.BatchNorm`,
     ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` (an option a module
     does not have takes the default). A linen module holds no shape: pass
-    ``feature_shape``, or its input ``x``; an nnx module's is its own.
+    ``feature_shape``, or its input ``x`` (for a tuple of inputs, the first
+    one's); an nnx module's is its own.
     """
     attrs = {k: getattr(module, k) for k in BNOptions._fields if hasattr(module, k)}
     options = merge_options(type(module).__qualname__, getattr(module, "options", None), attrs)
+    if isinstance(x, (tuple, list)) and x:  # inputs with one set of statistics: one shape
+      x = x[0]
     if feature_shape is None and x is not None:
       feature_shape = input_feature_shape(x, options.axis)
     if feature_shape is None:
@@ -324,6 +329,7 @@ class BNLayer:
   # ------------------------------------------------------------------
   # Normalization
 
+  @overload
   def normalize(
     self,
     params: BNParams,
@@ -334,8 +340,48 @@ class BNLayer:
     mask: jax.Array | None = None,
     initializing: bool = False,
     where: str | None = None,
-  ) -> tuple[jax.Array, StateT | None]:
+  ) -> tuple[jax.Array, StateT | None]: ...
+  @overload
+  def normalize(
+    self,
+    params: BNParams,
+    state: StateT,
+    x: Inputs,
+    *,
+    use_running_average: bool,
+    mask: Sequence[jax.Array | None] | None = None,
+    initializing: bool = False,
+    where: str | None = None,
+  ) -> tuple[tuple[jax.Array, ...], StateT | None]: ...
+  @overload
+  def normalize(
+    self,
+    params: BNParams,
+    state: StateT,
+    x: jax.Array | Inputs,
+    *,
+    use_running_average: bool,
+    mask: jax.Array | Sequence[jax.Array | None] | None = None,
+    initializing: bool = False,
+    where: str | None = None,
+  ) -> tuple[jax.Array | tuple[jax.Array, ...], StateT | None]: ...
+  def normalize(
+    self,
+    params: BNParams,
+    state: StateT,
+    x: jax.Array | Inputs,
+    *,
+    use_running_average: bool,
+    mask: jax.Array | Sequence[jax.Array | None] | None = None,
+    initializing: bool = False,
+    where: str | None = None,
+  ) -> tuple[jax.Array | tuple[jax.Array, ...], StateT | None]:
     """``(y, new_state)`` in training, ``(y, None)`` with the running statistics.
+
+    ``x`` may be a tuple of inputs that share one set of statistics
+    (:func:`jaxbn.bn_train`'s joint statistics; ``mask`` then a tuple with one
+    mask or None per input): ``y`` is then a tuple of outputs, and with the
+    running statistics each input is normalized as alone.
 
     ``where`` names the layer (its path in the model) in the error raised for
     params and state of different shapes.
@@ -344,15 +390,18 @@ class BNLayer:
     need not exist yet) and no one-value-per-feature warning is raised (flax
     idioms initialize on a single example); the state is not updated then.
     """
+    # One array or a tuple, with a mask of the same form (as the overloads above tie them).
+    inputs: Any = x
+    masks: Any = mask
     try:
       if use_running_average:
-        return bn_infer(params, state, x, self.options), None
+        return bn_infer(params, state, inputs, self.options), None
       if not initializing:
-        return bn_train(params, state, x, self.options, mask=mask)
+        return bn_train(params, state, inputs, self.options, mask=masks)
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingleValueWarning)
         y, _ = bn_train(
-          params, state, x, self.options, mask=mask, axis_name=None, axis_index_groups=None
+          params, state, inputs, self.options, mask=masks, axis_name=None, axis_index_groups=None
         )
       return y, None
     except StateMismatchError as e:

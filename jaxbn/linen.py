@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import overload
 
 import flax.linen as nn
 import jax
@@ -40,6 +41,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.core import Inputs
 from jaxbn.core import Renorm
 from jaxbn.folding import FoldTrace
 from jaxbn.folding import fold_bn
@@ -78,6 +80,12 @@ class BatchNorm(nn.Module):
   ``renorm`` has limits that are functions of the step. As in flax, the
   statistics are not updated during ``init``, and the ``axis_name``
   collective is skipped there (the named axis need not exist yet).
+
+  Called on a tuple of inputs (``mask`` then a tuple too), it returns a
+  tuple: in training, the inputs share one set of batch statistics, those of
+  all of them together, and ``'batch_stats'`` is updated once
+  (:func:`jaxbn.bn_train`'s joint statistics, e.g. a critic's ``(s, a)`` and
+  ``(s', a')``); in evaluation each input is normalized as alone.
 
   Differences from flax, all deliberate:
 
@@ -160,6 +168,13 @@ class BatchNorm(nn.Module):
     >>> [round(v, 4) for v in updates['batch_stats']['mean'].tolist()]
     [0.02, 0.2]
 
+    Two inputs, one set of statistics (those of their rows together):
+
+    >>> (ya, yb), _ = bn.apply(variables, (x[:1], x[1:]), use_running_average=False,
+    ...                        mutable=['batch_stats'])
+    >>> ya.round(3), yb.round(3)
+    (Array([[-1., -1.]], dtype=float32), Array([[1., 1.]], dtype=float32))
+
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithms 1 and 2.
   """
@@ -185,20 +200,42 @@ class BatchNorm(nn.Module):
   accumulate_steps: int = FROM_OPTIONS
   options: BNOptions | None = None
 
-  @nn.compact
+  @overload
   def __call__(
     self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
-  ) -> jax.Array:
+  ) -> jax.Array: ...
+  @overload
+  def __call__(
+    self,
+    x: Inputs,
+    use_running_average: bool | None = None,
+    *,
+    mask: Sequence[jax.Array | None] | None = None,
+  ) -> tuple[jax.Array, ...]: ...
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array | Inputs,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | Sequence[jax.Array | None] | None = None,
+  ) -> jax.Array | tuple[jax.Array, ...]:
     """Normalizes ``x``; updates ``'batch_stats'`` in training (when mutable).
 
     Args:
-      x: floating input; any rank >= 1.
+      x: floating input; any rank >= 1. Or a tuple of inputs that share one
+        set of statistics (:func:`jaxbn.bn_train`'s joint statistics): in
+        training, those of all of them together, one update of
+        ``'batch_stats'``; with the running statistics, each input
+        normalized as alone.
       use_running_average: overrides the attribute of the same name.
       mask: boolean, True where a value counts toward the statistics (see
-        :func:`jaxbn.bn_train`); ignored with the running statistics.
+        :func:`jaxbn.bn_train`); for a tuple ``x``, a tuple of one mask (or
+        None) per input; ignored with the running statistics.
 
     Returns:
-      ``y`` with ``x``'s shape, in ``dtype`` (default ``x``'s dtype).
+      ``y`` with ``x``'s shape, in ``dtype`` (default ``x``'s dtype); for a
+      tuple ``x``, a tuple of them.
     """
     use_running_average = nn.merge_param(
       "use_running_average", self.use_running_average, use_running_average
@@ -206,12 +243,12 @@ class BatchNorm(nn.Module):
     y = _declare_and_normalize(
       BNLayer.of(self, x=x), self, x, use_running_average=use_running_average, mask=mask
     )
-    return y if self.dtype is None else y.astype(self.dtype)
+    return y if self.dtype is None else jax.tree.map(lambda t: t.astype(self.dtype), y)
 
 
 def _declare_and_normalize(
-  layer: BNLayer, module: Any, x: jax.Array, *, use_running_average: bool, mask: Any
-) -> jax.Array:
+  layer: BNLayer, module: Any, x: Any, *, use_running_average: bool, mask: Any
+) -> Any:
   """The module's call: declares the variables ``layer`` stores and normalizes ``x``.
 
   ``module`` declares ``scale`` / ``bias`` (with its ``scale_init`` /

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from jaxbn.core import BNAccState
 from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
+from jaxbn.core import Inputs
 from jaxbn.core import Renorm
 from jaxbn.core import bn_init
 from jaxbn.core import merge_options
@@ -77,6 +79,12 @@ class BatchNorm(nnx.Module):
   (``nnx.BatchStat``, int32 scalar) for a ``renorm`` schedule or
   ``accumulate_steps > 1``; with ``accumulate_steps > 1`` also ``acc_count``,
   ``acc_mean``, ``acc_m2`` (the micro-batches' moments since the last update).
+
+  Called on a tuple of inputs (``mask`` then a tuple too), it returns a
+  tuple: in training, the inputs share one set of batch statistics, those of
+  all of them together, with one update of the running ones
+  (:func:`jaxbn.bn_train`'s joint statistics); in evaluation each input is
+  normalized as alone.
 
   ``use_fast_variance`` and ``promote_dtype`` are accepted for compatibility
   and have no effect: the statistics are always two-pass in at least float32
@@ -223,24 +231,45 @@ class BatchNorm(nnx.Module):
     for name, value in options._asdict().items():  # axis, momentum, epsilon, ...
       setattr(self, name, value)
 
+  @overload
   def __call__(
     self,
     x: jax.Array,
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
-  ) -> jax.Array:
+  ) -> jax.Array: ...
+  @overload
+  def __call__(
+    self,
+    x: Inputs,
+    use_running_average: bool | None = None,
+    *,
+    mask: Sequence[jax.Array | None] | None = None,
+  ) -> tuple[jax.Array, ...]: ...
+  def __call__(
+    self,
+    x: jax.Array | Inputs,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | Sequence[jax.Array | None] | None = None,
+  ) -> jax.Array | tuple[jax.Array, ...]:
     """Normalizes ``x``; in training, updates ``mean`` and ``var`` in place.
 
     Args:
-      x: floating input; any rank >= 1.
+      x: floating input; any rank >= 1. Or a tuple of inputs that share one
+        set of statistics (:func:`jaxbn.bn_train`'s joint statistics): in
+        training, those of all of them together, one update; with the
+        running statistics, each input normalized as alone.
       use_running_average: overrides the attribute (set by ``.train()`` /
         ``.eval()``).
       mask: boolean, True where a value counts toward the statistics (see
-        :func:`jaxbn.bn_train`); ignored with the running statistics.
+        :func:`jaxbn.bn_train`); for a tuple ``x``, a tuple of one mask (or
+        None) per input; ignored with the running statistics.
 
     Returns:
-      ``y`` with ``x``'s shape, in ``dtype`` (default ``x``'s dtype).
+      ``y`` with ``x``'s shape, in ``dtype`` (default ``x``'s dtype); for a
+      tuple ``x``, a tuple of them.
     """
     use_running_average = first_from(
       use_running_average,
@@ -262,7 +291,7 @@ class BatchNorm(nnx.Module):
     )
     if new is not None:
       write_module(self, None, new, layer)
-    return y if self.dtype is None else y.astype(self.dtype)
+    return y if self.dtype is None else jax.tree.map(lambda t: t.astype(self.dtype), y)
 
   def set_view(self, use_running_average: bool | None = None) -> None:
     """Class method used by ``nnx.view``.

@@ -28,6 +28,11 @@ Numerical decisions, each deliberate:
   every device (a value all of them hold, never a slice of one device's
   data): the statistics of the whole batch, so unequal or masked shards are
   weighed by their counts (an equal-weight mean of per-shard means is not).
+* Several inputs that share one set of statistics (``x`` a tuple of arrays
+  with the same features, :func:`shifted_sums`) are never concatenated: each
+  input's sums are taken over its own reduced axes and added per feature, so
+  the count and the sums of all of them cross devices in the one collective
+  and meet one refinement predicate.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +142,49 @@ def copies(tree: Any, k: int) -> list[Any]:
   return list(jax.lax.optimization_barrier((tree,) * k))
 
 
+def _inputs(
+  x: Any, axes: Any, mask: Any
+) -> tuple[tuple[Array, ...], tuple[tuple[int, ...], ...], tuple[Array | None, ...]]:
+  """``(inputs, axes of each, mask of each)`` of one array or a tuple of them."""
+  if not isinstance(x, (tuple, list)):
+    return (x,), (tuple(axes),), (mask,)
+  xs = tuple(x)
+  if not xs:
+    raise ValueError("numerics: x is an empty tuple; give at least one array.")
+  axes = tuple(axes)
+  nested = any(isinstance(a, (tuple, list)) for a in axes)
+  per = tuple(map(tuple, axes)) if nested else (axes,) * len(xs)
+  masks = (None,) * len(xs) if mask is None else tuple(mask)
+  if len(per) != len(xs) or len(masks) != len(xs):
+    raise ValueError(
+      f"numerics: {len(xs)} inputs, but {len(per)} tuples of axes and {len(masks)} masks; "
+      f"give one of each per input."
+    )
+  kept = {
+    tuple(s for i, s in enumerate(t.shape) if i not in a) for t, a in zip(xs, per, strict=True)
+  }
+  if len(kept) > 1:
+    raise ValueError(
+      f"numerics: the inputs' kept (feature) axes differ in size: {sorted(kept)}; joint "
+      f"moments need the same features in every input."
+    )
+  return xs, per, masks
+
+
+def _dtype_of(xs: Sequence[Array]) -> jnp.dtype:
+  """:func:`stats_dtype` of the widest of the inputs' dtypes."""
+  return max((stats_dtype(t.dtype) for t in xs), key=lambda d: jnp.finfo(d).bits)
+
+
+def _like(t: Array, keep: tuple[int, ...]) -> Array:
+  """A per-feature value in the layout ``keep`` (the same features, other axes of size 1)."""
+  return t if t.shape == keep else t.reshape(keep)
+
+
+def _add(total: Array | None, t: Array) -> Array:
+  return t if total is None else total + t
+
+
 # A shift farther from the mean than ``sqrt(REFINE_RATIO)`` standard
 # deviations triggers a second pass (see :func:`shifted_moments`). The
 # one-pass variance's relative error is about ``eps * (1 + delta^2 / var)``
@@ -147,11 +196,11 @@ REFINE_RATIO = 32.0
 
 
 def shifted_sums(
-  x: Array,
-  axes: Sequence[int],
+  x: Array | Sequence[Array],
+  axes: Sequence[int] | Sequence[Sequence[int]],
   shift: Array,
   *,
-  mask: Array | None = None,
+  mask: Array | Sequence[Array | None] | None = None,
   axis_name: Any = None,
   axis_index_groups: Any = None,
   dtype: Any = None,
@@ -170,41 +219,73 @@ def shifted_sums(
   (:func:`shifted_moments` refines it otherwise). Masked-out positions enter
   no sum (selected away, not multiplied by 0: NaN or inf there stay out).
 
+  ``x`` may be a tuple of arrays whose kept (feature) axes agree in size and
+  order: their joint moments, as of their values concatenated, with no
+  concatenation. Each input's ``n``, ``S1`` and ``S2`` are taken over its
+  own axes and added per feature, before the collective.
+
   Args:
-    x: floating array.
-    axes: the axes to reduce.
-    shift: per-feature reference broadcastable against ``x`` (reduced axes of
-      size 1), the same on every device under ``axis_name``.
-    mask: optional array broadcastable to ``x``; nonzero entries count.
+    x: floating array, or a tuple of them.
+    axes: the axes to reduce; for a tuple ``x``, the same axes for every
+      input or a tuple with each input's.
+    shift: per-feature reference broadcastable against ``x`` (the first
+      input) with the reduced axes of size 1, the same on every device under
+      ``axis_name``.
+    mask: optional array broadcastable to ``x``; nonzero entries count. For
+      a tuple ``x``, None or a tuple of one mask (or None) per input.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
-    dtype: the dtype to compute in (default ``stats_dtype(x.dtype)``).
+    dtype: the dtype to compute in (default ``stats_dtype`` of the widest
+      input dtype).
 
   Returns:
-    :class:`Shifted` with the reduced axes kept.
-  """
-  axes = tuple(axes)
-  dtype = stats_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
-  keep = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-  shift = jnp.broadcast_to(jax.lax.stop_gradient(shift).astype(dtype), keep)
-  valid = None if mask is None else (mask if mask.dtype == jnp.bool_ else mask != 0)
+    :class:`Shifted` with the reduced axes kept (the first input's layout).
 
-  # d is written to memory once; both sums then read it on the fast path of
-  # XLA:CPU's reduction kernels (a plain sum and a sum of squares), side by
-  # side. Recomputing x - shift inside each sum measured slower (a fused
-  # subtraction takes a reduction off that path).
-  d = x.astype(dtype) - shift
-  if valid is not None:
-    d = jnp.where(valid, d, 0)
-  s1 = jnp.sum(d, axes, keepdims=True)
-  s2 = jnp.sum(d * d, axes, keepdims=True)
-  if valid is None:
-    n = 1
-    for a in axes:
-      n *= x.shape[a]
-    count = jnp.full(keep, n, dtype)
-  else:
-    count = jnp.sum(jnp.broadcast_to(valid, x.shape), axes, keepdims=True, dtype=dtype)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import numerics
+    >>> a, b = jnp.array([[1.0], [2.0]]), jnp.array([[3.0], [4.0], [5.0]])
+    >>> st = numerics.shifted_sums((a, b), (0,), jnp.zeros((1, 1)))
+    >>> st.count.tolist(), st.moments().mean.tolist(), st.m2.tolist()  # of 1, 2, 3, 4, 5
+    ([[5.0]], [[3.0]], [[10.0]])
+  """
+  xs, per_axes, masks = _inputs(x, axes, mask)
+  dtype = _dtype_of(xs) if dtype is None else jnp.dtype(dtype)
+  keeps = [
+    tuple(1 if i in a else s for i, s in enumerate(t.shape))
+    for t, a in zip(xs, per_axes, strict=True)
+  ]
+  keep = keeps[0]  # the layout of the results
+  shift = jnp.broadcast_to(jax.lax.stop_gradient(shift).astype(dtype), keep)
+  s1 = s2 = count = None
+  n = None  # values of the inputs without a mask (a constant)
+  for t, a, m, k in zip(xs, per_axes, masks, keeps, strict=True):
+    valid = None if m is None else (m if m.dtype == jnp.bool_ else m != 0)
+
+    # d is written to memory once; both sums then read it on the fast path of
+    # XLA:CPU's reduction kernels (a plain sum and a sum of squares), side by
+    # side. Recomputing x - shift inside each sum measured slower (a fused
+    # subtraction takes a reduction off that path).
+    d = t.astype(dtype) - _like(shift, k)
+    if valid is not None:
+      d = jnp.where(valid, d, 0)
+    # Each input's per-feature sums, in the first input's layout, added: the
+    # joint sums of every input, and no full-size array spans two inputs.
+    s1 = _add(s1, _like(jnp.sum(d, a, keepdims=True), keep))
+    s2 = _add(s2, _like(jnp.sum(d * d, a, keepdims=True), keep))
+    if valid is None:
+      size = 1
+      for i in a:
+        size *= t.shape[i]
+      n = size if n is None else n + size
+    else:
+      c = jnp.sum(jnp.broadcast_to(valid, t.shape), a, keepdims=True, dtype=dtype)
+      count = _add(count, _like(c, keep))
+  assert s1 is not None and s2 is not None  # _inputs gives at least one input
+  if count is None:  # no input has a mask: n counts every value
+    count = jnp.full(keep, cast(int, n), dtype)
+  elif n is not None:
+    count = count + n
   if axis_name is not None:
     # One collective: a constant count is not varying over the axis, and
     # psum of it is a multiplication, not a transfer.
@@ -239,10 +320,10 @@ def needs_refinement(st: Shifted, floor: Any = 0.0) -> Array:
 
 
 def shifted_moments(
-  x: Array,
-  axes: Sequence[int],
+  x: Array | Sequence[Array],
+  axes: Sequence[int] | Sequence[Sequence[int]],
   *,
-  mask: Array | None = None,
+  mask: Array | Sequence[Array | None] | None = None,
   shift: Array | None = None,
   axis_name: Any = None,
   axis_index_groups: Any = None,
@@ -266,12 +347,15 @@ def shifted_moments(
   ``x - shift`` loses the data's spread).
 
   Args:
-    x: floating array (computed in ``stats_dtype(x.dtype)``).
-    axes: the axes to reduce.
-    mask: optional array broadcastable to ``x``; nonzero entries count.
-    shift: per-feature first reference broadcastable against ``x`` with the
-      reduced axes of size 1 (same on every device); default 0. Non-finite
-      entries are replaced by 0.
+    x: floating array (computed in ``stats_dtype(x.dtype)``), or a tuple of
+      arrays with the same features: their joint moments (see
+      :func:`shifted_sums`; one predicate, one collective per pass).
+    axes: the axes to reduce (for a tuple ``x``, as :func:`shifted_sums`).
+    mask: optional array broadcastable to ``x``; nonzero entries count (for a
+      tuple ``x``, one per input or None).
+    shift: per-feature first reference broadcastable against ``x`` (the first
+      input) with the reduced axes of size 1 (same on every device); default
+      0. Non-finite entries are replaced by 0.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
     dtype: the dtype to compute in (default ``stats_dtype(x.dtype)``).
@@ -286,8 +370,7 @@ def shifted_moments(
     :class:`Shifted` with the reduced axes kept; ``shift`` is the reference
     the returned ``delta`` and ``m2`` were computed from.
   """
-  axes = tuple(axes)
-  dtype = stats_dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
+  dtype = _dtype_of(_inputs(x, axes, mask)[0]) if dtype is None else jnp.dtype(dtype)
   shift = jnp.zeros((), dtype) if shift is None else jax.lax.stop_gradient(shift).astype(dtype)
   shift = jnp.where(jnp.isfinite(shift), shift, 0)
   run = functools.partial(
@@ -317,10 +400,10 @@ def shifted_moments(
 
 
 def batch_moments(
-  x: Array,
-  axes: Sequence[int],
+  x: Array | Sequence[Array],
+  axes: Sequence[int] | Sequence[Sequence[int]],
   *,
-  mask: Array | None = None,
+  mask: Array | Sequence[Array | None] | None = None,
   axis_name: Any = None,
   axis_index_groups: Any = None,
 ) -> Moments:
@@ -331,14 +414,17 @@ def batch_moments(
   statistics of every shard together.
 
   Args:
-    x: floating array.
-    axes: the axes to reduce.
-    mask: optional array broadcastable to ``x``; only nonzero entries count.
+    x: floating array, or a tuple of arrays with the same features (their
+      joint moments, see :func:`shifted_sums`).
+    axes: the axes to reduce (for a tuple ``x``, as :func:`shifted_sums`).
+    mask: optional array broadcastable to ``x``; only nonzero entries count
+      (for a tuple ``x``, one per input or None).
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
 
   Returns:
-    :class:`Moments` with the reduced axes kept, in at least float32.
+    :class:`Moments` with the reduced axes kept (the first input's layout),
+    in at least float32.
   """
   return shifted_moments(
     x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups

@@ -9,7 +9,9 @@ to the behaviour they guard, and are listed so that this module is the index:
   ``test_state_of_the_wrong_dtype_is_rejected``; one value per feature:
   test_core_numerics.py ``test_one_value_per_feature_warns_returns_bias_and_keeps_statistics``;
   ghost batches: test_small_batches.py
-  ``test_ghost_size_that_does_not_divide_the_batch_is_an_error``.
+  ``test_ghost_size_that_does_not_divide_the_batch_is_an_error``; several inputs with one
+  set of statistics (``x`` and ``mask`` tuples): test_joint.py
+  ``test_bad_joint_inputs_name_x_and_mask``.
 - modules: test_linen.py and test_nnx.py ``test_bad_input_gets_the_core_errors``;
   models: test_models_training.py ``test_bad_input_through_models_gets_the_core_errors``.
 - population statistics: test_population.py ``test_bad_arguments_are_named``,
