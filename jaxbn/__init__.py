@@ -27,6 +27,7 @@ from jaxbn.core import BNOptions
 from jaxbn.core import BNParams
 from jaxbn.core import BNState
 from jaxbn.core import Renorm
+from jaxbn.core import RunningStatsWarning
 from jaxbn.core import SingleValueWarning
 from jaxbn.core import bn_infer
 from jaxbn.core import bn_init
@@ -45,6 +46,7 @@ from jaxbn.population import population_stats
 if TYPE_CHECKING:
   from jaxbn import cli as cli
   from jaxbn import data as data
+  from jaxbn import diagnosis as diagnosis
   from jaxbn import engine as engine
   from jaxbn import equinox as equinox
   from jaxbn import linen as linen
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
   from jaxbn import torch as torch
   from jaxbn import torch_port as torch_port
   from jaxbn import training as training
+  from jaxbn.diagnosis import diagnose as diagnose
   from jaxbn.linen import fold_linen as fold_linen
   from jaxbn.linen import linen_population_stats as linen_population_stats
   from jaxbn.models import fold_params as fold_params
@@ -83,6 +86,8 @@ _NOT_STARRED = {"equinox", "torch_port"}
 _LAZY: dict[str, tuple[str, str | None]] = {
   "cli": ("jaxbn.cli", None),
   "data": ("jaxbn.data", None),
+  "diagnosis": ("jaxbn.diagnosis", None),
+  "diagnose": ("jaxbn.diagnosis", "diagnose"),
   "engine": ("jaxbn.engine", None),
   "linen": ("jaxbn.linen", None),
   "models": ("jaxbn.models", None),
@@ -139,6 +144,7 @@ __all__ = (
   "BNParams",
   "BNState",
   "Renorm",
+  "RunningStatsWarning",
   "SingleValueWarning",
   "TorchSettings",
   "TrainState",
@@ -152,6 +158,8 @@ __all__ = (
   "cli",
   "create_train_state",
   "data",
+  "diagnose",
+  "diagnosis",
   "engine",
   "eval_step",
   "fit",

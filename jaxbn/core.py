@@ -74,6 +74,7 @@ __all__ = (
   "BNParams",
   "BNState",
   "Renorm",
+  "RunningStatsWarning",
   "SingleValueWarning",
   "StateMismatchError",
   "bn_infer",
@@ -102,6 +103,16 @@ checkpoint_names: tuple[str, ...] = (SHIFT_NAME, MOMENTS_NAME)
 keeps them, so the backward pass does not compute the statistics (and their all-reduces) a
 second time.
 """
+
+
+# Callbacks told of every bn_train and bn_infer call as it runs or is traced
+# (jaxbn.diagnosis.observing): at trace time only, so a compiled step pays nothing.
+_OBSERVERS: list[Callable[..., None]] = []
+
+
+def _notify(fn: str, params: Any, state: Any, x: Any, mask: Any, options: Any) -> None:
+  for callback in tuple(_OBSERVERS):
+    callback(fn, params, state, x, mask, options)
 
 
 class BNParams(NamedTuple):
@@ -169,6 +180,18 @@ class SingleValueWarning(UserWarning):
   The batch variance of one value is 0, so every output is ``bias``; jaxbn
   leaves the running statistics unchanged in that case (flax would decay the
   running variance toward 0). Raised at trace time, once per shape.
+  """
+
+
+class RunningStatsWarning(UserWarning):
+  """Evaluation with running statistics that are not yet the data's.
+
+  jaxbn's training loops (:func:`jaxbn.training.fit`, :func:`jaxbn.engine.train`) and
+  evaluation helpers (:func:`jaxbn.training.evaluate`) raise it when they evaluate a model
+  whose running statistics were never updated, or have seen fewer updates than the window
+  ``1 / (1 - momentum)`` of their moving average (still mostly their initial values). The
+  fixes: ``ema_warmup=True``, :func:`jaxbn.population_stats`; :func:`jaxbn.diagnose`
+  explains a gap between training-mode and evaluation-mode accuracy.
   """
 
 
@@ -1099,6 +1122,7 @@ def bn_train(
   _check_options(fn, momentum, epsilon, running_var)
   masks = _masks(fn, mask, xs, several)
   _check_accumulate_steps(fn, accumulate_steps)
+  _notify(fn, params, state, x, mask, opts)
   if accumulate_steps > 1 and not isinstance(state, BNAccState):
     raise ValueError(
       f"{fn}: accumulate_steps={accumulate_steps} keeps the micro-batches' moments in the "
@@ -1338,6 +1362,7 @@ def bn_infer(
   feature_shape = _check_tree(fn, params, state)
   xs, lays = _inputs(fn, x, axis, feature_shape)
   _check_options(fn, None, epsilon, "biased")
+  _notify(fn, params, state, x, None, opts)
   ys = []
   for x1, lay in zip(xs, lays, strict=True):
     cdt = _compute_dtype((x1,), state)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +66,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbn.core import BNState
+from jaxbn.core import RunningStatsWarning
 from jaxbn.data import epoch_order
+from jaxbn.diagnosis import observed_options
+from jaxbn.diagnosis import unsettled
 
 __all__ = (
   "History",
@@ -406,6 +411,22 @@ def train_loop(
   return history
 
 
+def _unsettled(apply: Callable[..., Any], params: Any, state: Any, x: Any, several: bool):
+  """The RunningStatsWarning message for evaluating ``state`` (None: nothing to say)."""
+  leaves = jax.tree.leaves(state, is_leaf=lambda t: isinstance(t, BNState))
+  stats = [t for t in leaves if isinstance(t, BNState)]
+  if not stats:
+    return None
+  if several:  # the first run stands for all: they share the model and the steps
+    params, state = jax.tree.map(lambda t: t[0], (params, state))
+    stats = [jax.tree.map(lambda t: t[0], s) for s in stats]
+  updates = min(int(s.step) for s in stats)
+  never = all(bool(jnp.all(s.mean == 0)) and bool(jnp.all(s.var == 1)) for s in stats)
+  steps = int(max(int(s.step) for s in stats))
+  options = observed_options(lambda: apply(params, state, x, train=True))
+  return unsettled("engine.train", options, steps if never else updates, never)
+
+
 def train(
   apply: Callable[..., Any],
   params: Any,
@@ -564,7 +585,16 @@ def train(
       return None
     return jax.tree.map(np.asarray, compiled(eval_fn, 0)(params, state))
 
+  warned = False
+
   def on_eval(step, out):
+    nonlocal warned
+    if not warned and eval_fn is not None and step > 0:
+      # Says once per run when the running statistics are not yet the data's.
+      message = _unsettled(apply, params, state, x[:batch_size], several)
+      if message is not None:
+        warned = True
+        warnings.warn(message, RunningStatsWarning, stacklevel=6)
     if callback is not None:
       callback(step, params, state)
 

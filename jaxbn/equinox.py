@@ -654,6 +654,32 @@ def equinox_population_stats(
   """
   fn = "equinox_population_stats"
   layers = _batch_norms(model)
+  run, arrays, states = _population_forward(fn, model, state, forward)
+  got = population_stats(
+    run, arrays, states, batches, estimator=estimator, progress=progress, total=total
+  )
+  for k, bn in layers.items():
+    _, old = bn.read(state)
+    new = old._replace(mean=got[k].mean, var=got[k].var, count=got[k].count)
+    o = bn.options
+    if bn.mode == "batch" and o.momentum is not None and not o.ema_warmup:
+      step = _settled_updates(o.momentum) * o.accumulate_steps
+      new = new._replace(step=jnp.full_like(old.step, step))
+    state = bn.write(state, new)
+  return state
+
+
+def _population_forward(
+  fn: str, model: Any, state: Any, forward: Callable[[Any, Any, Any], tuple[Any, Any]] | None
+) -> tuple[Callable[..., Any], Any, dict[str, BNState]]:
+  """An equinox model's forward in :func:`jaxbn.population_stats`' contract, its arrays, states.
+
+  ``run(arrays, states, x, **bn_kwargs)`` calls ``forward(model, state, x)``
+  (default ``model(x, state)``) with each :class:`BatchNorm` replaced by a
+  training-mode pass over ``states[path]`` with ``bn_kwargs`` as overrides.
+  :func:`equinox_population_stats` and :func:`jaxbn.diagnose` run it.
+  """
+  layers = _batch_norms(model)
   if not layers:
     raise ValueError(f"{fn}: the model holds no jaxbn.equinox.BatchNorm.")
   if forward is None:
@@ -683,18 +709,7 @@ def equinox_population_stats(
     out, s = forward(m, s, x)
     return out, {k: s.get(p.index) for k, p in passes.items()}
 
-  got = population_stats(
-    run, arrays, states, batches, estimator=estimator, progress=progress, total=total
-  )
-  for k, bn in layers.items():
-    _, old = bn.read(state)
-    new = old._replace(mean=got[k].mean, var=got[k].var, count=got[k].count)
-    o = bn.options
-    if bn.mode == "batch" and o.momentum is not None and not o.ema_warmup:
-      step = _settled_updates(o.momentum) * o.accumulate_steps
-      new = new._replace(step=jnp.full_like(old.step, step))
-    state = bn.write(state, new)
-  return state
+  return run, arrays, states
 
 
 def _settled_updates(momentum: float) -> int:

@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -423,6 +424,40 @@ def linen_population_stats(
   fn = "linen_population_stats"
   batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
   layers = _stats_paths(fn, batch_stats)
+  forward, states = _population_forward(fn, model, variables, **apply_kwargs)
+  got = population_stats(
+    forward, variables, states, batches, estimator=estimator, progress=progress, total=total
+  )
+  new_stats = {}
+  for path, entries in layers.items():
+    s = got["/".join(path)]
+    entries = dict(entries, mean=s.mean, var=s.var)
+    if "count" in entries:
+      entries["count"] = s.count
+    new_stats[path] = entries
+  flat = {(*p, k): v for p, e in new_stats.items() for k, v in e.items()}
+  full = traverse_util.flatten_dict(dict(batch_stats))
+  full.update(flat)
+  out = dict(variables)
+  out["batch_stats"] = traverse_util.unflatten_dict(full)
+  return out
+
+
+def _population_forward(
+  fn: str, model: Any, variables: Any, **apply_kwargs: Any
+) -> tuple[Callable[..., Any], dict[str, BNState | BNAccState]]:
+  """A linen model's forward in :func:`jaxbn.population_stats`' contract, and its states.
+
+  Returns ``(forward, states)``: ``forward(variables, states, x, **bn_kwargs)``
+  runs ``model.apply(variables, x, **apply_kwargs)`` with every
+  :class:`BatchNorm` call replaced by :func:`jaxbn.bn_train` on ``states[path]``
+  with ``bn_kwargs`` as overrides (one update per batch; an ``axis_name`` not
+  bound here dropped); ``states`` maps each layer's path (``'a/b'``) to its
+  running statistics. :func:`linen_population_stats` and
+  :func:`jaxbn.diagnose` run it.
+  """
+  batch_stats = variables.get("batch_stats", {}) if hasattr(variables, "get") else {}
+  layers = _stats_paths(fn, batch_stats)
   # The running statistics alone: population_stats updates each once per batch.
   states = {"/".join(p): read_variables(e)[1] for p, e in layers.items()}
 
@@ -462,22 +497,7 @@ def linen_population_stats(
       )
     return out[0], {k: new[k] for k in states}
 
-  got = population_stats(
-    forward, variables, states, batches, estimator=estimator, progress=progress, total=total
-  )
-  new_stats = {}
-  for path, entries in layers.items():
-    s = got["/".join(path)]
-    entries = dict(entries, mean=s.mean, var=s.var)
-    if "count" in entries:
-      entries["count"] = s.count
-    new_stats[path] = entries
-  flat = {(*p, k): v for p, e in new_stats.items() for k, v in e.items()}
-  full = traverse_util.flatten_dict(dict(batch_stats))
-  full.update(flat)
-  out = dict(variables)
-  out["batch_stats"] = traverse_util.unflatten_dict(full)
-  return out
+  return forward, states
 
 
 # --------------------------------------------------------------------------

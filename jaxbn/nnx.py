@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -420,11 +421,32 @@ def nnx_population_stats(
     True
   """
   fn = "nnx_population_stats"
+  forward, nnx_state, states = _population_forward(fn, model, **call_kwargs)
+  layers = _bn_layers(model)
+  got = population_stats(
+    forward, nnx_state, states, batches, estimator=estimator, progress=progress, total=total
+  )
+  for k, bn in layers.items():
+    bn.mean[...], bn.var[...] = got[k].mean, got[k].var
+    if bn.count is not None:
+      bn.count[...] = got[k].count
 
-  def bn_layers(m):
-    return {"/".join(map(str, p)): n for p, n in nnx.iter_graph(m) if isinstance(n, BatchNorm)}
 
-  layers = bn_layers(model)
+def _bn_layers(model: Any) -> dict[str, BatchNorm]:
+  return {"/".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, BatchNorm)}
+
+
+def _population_forward(
+  fn: str, model: Any, **call_kwargs: Any
+) -> tuple[Callable[..., Any], Any, dict[str, BNState | BNAccState]]:
+  """An nnx model's forward in :func:`jaxbn.population_stats`' contract, its state and states.
+
+  ``forward(nnx_state, states, x, **bn_kwargs)`` runs ``model(x, **call_kwargs)``
+  on a copy (``nnx.merge``) whose :class:`BatchNorm` layers hold ``states`` and
+  ``bn_kwargs`` as attributes, in training mode, one update per batch.
+  :func:`nnx_population_stats` and :func:`jaxbn.diagnose` run it.
+  """
+  layers = _bn_layers(model)
   if not layers:
     raise ValueError(f"{fn}: the model has no jaxbn.nnx.BatchNorm layer.")
   # The running statistics alone: population_stats updates each once per batch.
@@ -435,7 +457,7 @@ def nnx_population_stats(
 
   def forward(nnx_state, states, x, **bn_kwargs):
     copy = nnx.merge(graphdef, nnx_state)
-    copies = bn_layers(copy)
+    copies = _bn_layers(copy)
     for k, bn in copies.items():
       # The copy holds every entry of the plain state (count and step even where the
       # model does not), whatever BNState's fields are.
@@ -450,13 +472,7 @@ def nnx_population_stats(
     out = copy(x, **call_kwargs)
     return out, {k: read_module(bn)[1] for k, bn in copies.items()}
 
-  got = population_stats(
-    forward, nnx_state, states, batches, estimator=estimator, progress=progress, total=total
-  )
-  for k, bn in layers.items():
-    bn.mean[...], bn.var[...] = got[k].mean, got[k].var
-    if bn.count is not None:
-      bn.count[...] = got[k].count
+  return forward, nnx_state, states
 
 
 # --------------------------------------------------------------------------

@@ -46,6 +46,7 @@ PUBLIC_MODULES = (
   "jaxbn.numerics",
   "jaxbn.layer",
   "jaxbn.population",
+  "jaxbn.diagnosis",
   "jaxbn.folding",
   "jaxbn.deploy",
   "jaxbn.linen",

@@ -58,6 +58,7 @@ from jaxbn.training.state import create_train_state
 from jaxbn.training.state import eval_step
 from jaxbn.training.state import evaluate
 from jaxbn.training.state import fit
+from jaxbn.training.state import population_stats
 from jaxbn.training.state import train_step
 
 __all__ = (
@@ -73,6 +74,7 @@ __all__ = (
   "fit",
   "freeze_bn_affine",
   "global_batch",
+  "population_stats",
   "restore_checkpoint",
   "save_checkpoint",
   "shard_map_train_step",

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from flax.training import train_state as flax_train_state
 
+from jaxbn.core import RunningStatsWarning
+from jaxbn.diagnosis import observed_options
+from jaxbn.diagnosis import unsettled
 from jaxbn.engine import accuracy
 from jaxbn.engine import cross_entropy
 from jaxbn.engine import optimizer_promotion
@@ -195,8 +202,102 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   return {"loss": cross_entropy(logits, y), "accuracy": accuracy(logits, y)}
 
 
+def population_stats(
+  state: TrainState,
+  batches: Iterable[Any],
+  *,
+  estimator: str = "exact",
+  progress: bool = False,
+  total: int | None = None,
+) -> TrainState:
+  """``state`` with the statistics of ``batches`` as its running statistics.
+
+  :func:`jaxbn.linen_population_stats` for a :class:`TrainState`: the model
+  (``state.apply_fn``'s module) runs ``apply(variables, x, train=True)`` on each
+  batch, and the exact (or Algorithm 2's) statistics of every batch norm's
+  inputs replace ``state.batch_stats``. The fix :func:`jaxbn.diagnose` prints for
+  running statistics that are not the data's.
+
+  Args:
+    state: a :class:`TrainState` whose ``apply_fn`` is a linen model's ``apply``.
+    batches: inputs ``x``, or ``(x, y)`` pairs (``y`` is not used).
+    estimator: ``"exact"`` or ``"paper"`` (see :func:`jaxbn.population_stats`).
+    progress: show a progress bar.
+    total: number of batches, for the progress bar.
+
+  Returns:
+    The new :class:`TrainState` (``params``, ``step`` and ``opt_state`` unchanged).
+
+  Examples:
+    >>> import numpy as np, optax
+    >>> from jaxbn import models, training
+    >>> x = np.random.default_rng(0).normal(5, 2, size=(64, 3)).astype(np.float32)
+    >>> state = training.create_train_state(models.MLP(features=(4,)), optax.sgd(0.1), x[:1])
+    >>> state = training.population_stats(state, [x[:32], x[32:]])
+    >>> h = x @ np.asarray(state.params['Dense_0']['kernel'])
+    >>> bool(np.allclose(state.batch_stats['BatchNorm_0']['mean'], h.mean(0), atol=1e-4))
+    True
+  """
+  from jaxbn.linen import linen_population_stats
+
+  model = getattr(state.apply_fn, "__self__", None)
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+      f"population_stats: state.apply_fn must be a linen model's apply (as "
+      f"create_train_state makes it), got {state.apply_fn!r}; use "
+      f"jaxbn.linen_population_stats(model, variables, batches, train=True)."
+    )
+  xs = (b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b for b in batches)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  new = linen_population_stats(
+    model, variables, xs, estimator=estimator, progress=progress, total=total, train=True
+  )
+  return state.replace(batch_stats=new["batch_stats"])
+
+
+def _unsettled(where: str, state: TrainState, x: Any) -> str | None:
+  """The RunningStatsWarning message for evaluating ``state`` (None: nothing to say)."""
+  if not state.batch_stats:
+    return None
+  updates = int(state.step)
+  if updates <= 0:
+    return None
+  flat = traverse_util.flatten_dict(dict(state.batch_stats))
+  means = [v for k, v in flat.items() if k[-1] == "mean"]
+  variances = [v for k, v in flat.items() if k[-1] == "var"]
+  never = bool(means) and all(bool(jnp.all(m == 0)) for m in means)
+  never = never and all(bool(jnp.all(v == 1)) for v in variances)
+  sample = jnp.asarray(x[:2])
+  key = (state.apply_fn, sample.shape, str(sample.dtype))
+  options = _OPTIONS.get(key) if _hashable(key) else None
+  if options is None:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    options = observed_options(
+      lambda: state.apply_fn(variables, sample, train=True, mutable=["batch_stats"])
+    )
+    if _hashable(key):
+      _OPTIONS[key] = options
+  return unsettled(where, options, updates, never)
+
+
+# The layers' options of a model (its apply_fn) and input signature, traced once.
+_OPTIONS: dict[Any, list] = {}
+
+
+def _hashable(key: Any) -> bool:
+  try:
+    hash(key)
+  except TypeError:
+    return False
+  return True
+
+
 def evaluate(state: TrainState, x: Any, y: Any, *, batch_size: int = 1024) -> dict[str, float]:
   """Loss and accuracy over a whole data set, with the running statistics.
+
+  Warns (:class:`jaxbn.RunningStatsWarning`) when the running statistics were
+  never updated, or have seen fewer updates (``state.step``) than their moving
+  average's window ``1 / (1 - momentum)``.
 
   Args:
     state: a :class:`TrainState`.
@@ -210,6 +311,14 @@ def evaluate(state: TrainState, x: Any, y: Any, *, batch_size: int = 1024) -> di
   n = len(x)
   if n == 0 or len(y) != n:
     raise ValueError(f"evaluate: x and y must be non-empty and equally long, got {n} and {len(y)}.")
+  message = _unsettled("evaluate", state, x)
+  if message is not None:
+    warnings.warn(message, RunningStatsWarning, stacklevel=2)
+  return _evaluate(state, x, y, batch_size)
+
+
+def _evaluate(state: TrainState, x: Any, y: Any, batch_size: int) -> dict[str, float]:
+  n = len(x)
   loss = correct = 0.0
   for start in range(0, n, batch_size):
     xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -292,6 +401,18 @@ def fit(
       train_step, use_running_average=use_running_average, update_batch_stats=update_batch_stats
     )
   start = int(state.step)
+  warned = False
+
+  def evaluated(state):
+    # Says once per run when the running statistics are not yet the data's.
+    nonlocal warned
+    assert eval_data is not None
+    if not warned:
+      message = _unsettled("fit", state, eval_data[0])
+      if message is not None:
+        warned = True
+        warnings.warn(message, RunningStatsWarning, stacklevel=5)
+    return _evaluate(state, *eval_data, 1024)
 
   def segment(idx, evaluate_now, tick):
     nonlocal state
@@ -300,7 +421,7 @@ def fit(
       state, m = step_fn(state, (x[ix], y[ix]))
       metrics.append(m)
       tick(1)
-    return metrics, evaluate(state, *eval_data) if evaluate_now and eval_data is not None else None
+    return metrics, evaluated(state) if evaluate_now and eval_data is not None else None
 
   ran = train_loop(
     segment,
@@ -312,7 +433,7 @@ def fit(
     seed=seed,
     start=start,
     eval_every=eval_every if eval_data is not None else None,
-    evaluate_start=None if eval_data is None else lambda: evaluate(state, *eval_data),
+    evaluate_start=None if eval_data is None else lambda: evaluated(state),
     on_eval=lambda step, m: {"test_acc": f"{m['accuracy']:.4f}"},
     progress=progress,
     desc="fit",
