@@ -68,6 +68,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import jax
 import jax.core
@@ -171,7 +172,8 @@ class LayerReport:
       features; about ``1 - momentum^t`` after ``t`` updates); None where the
       data are too close to ``(0, 1)`` to tell.
     never_updated: the running statistics are exactly the initial ones.
-    constant: features constant over every batch given.
+    constant: features (nearly) constant over every batch given (variance
+      below ``epsilon``): ``bias`` in both modes, left out of the departures.
     axis_smoothness: the correlation of neighbouring entries along each axis
       but the batch axis, on the first batch (positions correlate, channels
       do not: a smooth feature axis beside an unordered axis is the wrong one).
@@ -201,12 +203,8 @@ class LayerReport:
 
   @property
   def window(self) -> float | None:
-    """The moving average's window ``1 / (1 - momentum)`` in updates (None: not a plain EMA)."""
-    o = self.options
-    if o is None or o.momentum is None or o.ema_warmup or isinstance(o.momentum, jax.Array):
-      return None
-    m = float(o.momentum)
-    return math.inf if m >= 1 else o.accumulate_steps / (1 - m)
+    """The moving average's window ``1 / (1 - momentum)`` in calls (None: not a plain EMA)."""
+    return None if self.options is None else window(self.options)
 
   @property
   def effective_batches(self) -> float | None:
@@ -407,17 +405,17 @@ def _axis_smoothness(x: np.ndarray, options: BNOptions) -> dict[int, float] | No
   return out
 
 
-def _suspect_axis(smooth: dict[int, float] | None, options: BNOptions | None) -> int | None:
+def _suspect_axis(r: LayerReport) -> int | None:
   """The axis the features seem to live on, where it is not the feature axis.
 
   The feature axis is smooth like positions (neighbour correlation at least
   :data:`_SMOOTH`) while another axis is not (below half of it): that axis,
   the least smooth, holds the channels.
   """
-  if not smooth or options is None or not isinstance(options.axis, int):
+  smooth, options = r.axis_smoothness, r.options
+  if not smooth or options is None or r.input_shape is None or not isinstance(options.axis, int):
     return None
-  ndim = max(smooth) + 1
-  feature = options.axis % ndim
+  feature = options.axis % len(r.input_shape)
   if feature not in smooth or smooth[feature] < _SMOOTH:
     return None
   others = {a: v for a, v in smooth.items() if a != feature}
@@ -445,43 +443,66 @@ def observed_options(call: Callable[[], Any]) -> list[BNOptions]:
   return got
 
 
-def unsettled(where: str, options: list[BNOptions], updates: int, never: bool) -> str | None:
+def window(options: BNOptions) -> float | None:
+  """The window ``accumulate_steps / (1 - momentum)`` of a plain moving average, in calls.
+
+  None where the running statistics are not one: ``momentum=None`` (the
+  cumulative average), ``ema_warmup`` (the average of the batches so far
+  until the window takes over), a traced momentum, or ``momentum >= 1`` (they
+  never move).
+  """
+  m = options.momentum
+  if not isinstance(m, (int, float)) or options.ema_warmup or not m < 1:
+    return None
+  return options.accumulate_steps / (1 - float(m))
+
+
+def unsettled(
+  where: str, options: list[BNOptions], updates: int, running: list[tuple[Any, Any]]
+) -> str | None:
   """The :class:`jaxbn.RunningStatsWarning` message for an evaluation, or None.
+
+  Says so when the running statistics are still exactly the initial ``(0, 1)``
+  after ``updates`` training steps, or when a plain moving average has had
+  fewer updates than its :func:`window` and still looks like one started from
+  ``(0, 1)``: after ``t`` updates every running variance keeps at least
+  ``momentum^t`` of the initial 1, which statistics computed otherwise
+  (population statistics, ported or pretrained ones) rarely do.
 
   Args:
     where: the function evaluating.
     options: the layers' options (:func:`observed_options`).
     updates: the training steps so far.
-    never: the running statistics are all still the initial ``(0, 1)``.
+    running: each layer's running ``(mean, var)``.
   """
+  if updates <= 0 or not running:
+    return None
+  never = all(bool(jnp.all(m == 0)) and bool(jnp.all(v == 1)) for m, v in running)
   fixes = (
     "pass ema_warmup=True (jaxbn.BNOptions) to average the batches seen so far, or compute "
     "the statistics over the training data (jaxbn.training.population_stats, "
     "jaxbn.linen_population_stats, jaxbn.population_stats); jaxbn.diagnose explains a gap "
     "between training-mode and evaluation-mode accuracy."
   )
-  if updates <= 0:
-    return None
   if never:
     return (
       f"{where}: evaluating after {updates} training steps with running statistics that were "
       f"never updated (mean 0, variance 1 in every layer): the state the training step "
       f"returns is not kept, or its update is turned off. Keep it; or {fixes}"
     )
-  windows = []
-  for o in options:
-    m = o.momentum
-    if isinstance(m, (int, float)) and not o.ema_warmup and m < 1:  # a plain moving average
-      windows.append((o.accumulate_steps / (1 - float(m)), float(m)))
+  windows = [(w, o) for o in options if (w := window(o)) is not None]
   if not windows:
     return None
-  window, momentum = max(windows)
-  if updates >= window:
+  longest, o = max(windows, key=lambda p: p[0])
+  if updates >= longest:
     return None
+  kept = cast(float, o.momentum) ** (updates / o.accumulate_steps)  # of the initial variance 1
+  if min(float(jnp.min(v)) for _, v in running) < kept * (1 - 1e-4):
+    return None  # not a moving average started from (0, 1) this many updates ago
   return (
     f"{where}: evaluating with running statistics that have seen {updates} updates, fewer "
-    f"than the window of their moving average (1 / (1 - momentum) = {window:.0f} at momentum "
-    f"{momentum:g}): they are still mostly their initial values, and evaluation-mode "
+    f"than the window of their moving average (1 / (1 - momentum) = {longest:.0f} at momentum "
+    f"{o.momentum:g}): they are still mostly their initial values, and evaluation-mode "
     f"accuracy lags. Train longer; or {fixes}"
   )
 
@@ -490,9 +511,20 @@ def unsettled(where: str, options: list[BNOptions], updates: int, never: bool) -
 # The passes
 
 
+def is_labelled(batch: Any) -> bool:
+  """Whether ``batch`` is an ``(x, y)`` pair: two entries, the second integer labels.
+
+  A tuple of floating arrays is the inputs of a model with several (joint
+  statistics), not a pair.
+  """
+  if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    return False
+  y = batch[1]
+  return hasattr(y, "dtype") and jnp.issubdtype(y.dtype, jnp.integer)
+
+
 def _pairs(batches: list[Any]) -> bool:
-  first = batches[0]
-  return isinstance(first, (tuple, list)) and len(first) == 2
+  return is_labelled(batches[0])
 
 
 def _w2(m_e, v_e, v_t, eps, weight, valid) -> float:
@@ -576,6 +608,14 @@ def _analyse(fn: str, face: _Face, batches: list[Any], steps: int | None) -> Rep
   with observing(observe), warnings.catch_warnings():
     warnings.simplefilter("ignore")
     forward(face.params, dict(zip(names, tagged, strict=True)), xs[0])
+  if len(seen) < len(names):
+    missing = [n for i, n in enumerate(names) if i not in seen]
+    warnings.warn(
+      f"{fn}: the batch norms {missing} could not be observed in an eager run of the forward "
+      f"(it, or a part of it, is jitted or scanned): their options (momentum, window) and "
+      f"their feature axis are not checked. Pass the forward without jax.jit.",
+      stacklevel=3,
+    )
 
   merged: list[numerics.Moments] = []
   exact: list[numerics.Moments] = []
@@ -645,7 +685,11 @@ def _analyse(fn: str, face: _Face, batches: list[Any], steps: int | None) -> Rep
     mean_e = np.asarray(exact[i].mean, np.float64)
     var_e = np.asarray(numerics.variance(exact[i]), np.float64)
     weight = np.ones_like(mean_r) if scale is None else np.square(scale).reshape(mean_r.shape)
-    valid = np.asarray(merged[i].count) > 0  # features that got values (not one per batch)
+    # Features that got values (not one per batch), and not (nearly) constant: those are
+    # `bias` in both modes and counted apart.
+    counted = np.asarray(merged[i].count) > 0
+    flat = var_b < eps
+    valid = counted & ~flat
     local = _w2((mean_b - mean_r) / sigma_r, var_b / np.square(sigma_r), var_b, eps, weight, valid)
     valid_e = valid & (np.asarray(exact[i].count) > 0)
     in_eval = _w2(
@@ -670,7 +714,7 @@ def _analyse(fn: str, face: _Face, batches: list[Any], steps: int | None) -> Rep
         spread=_rms(np.sqrt(spread_var) / sigma_r, valid),
         ema_progress=_ema_progress(run_state, mean_b, var_b, valid),
         never_updated=bool(np.all(mean_r == 0) and np.all(var_r == 1)),
-        constant=int(np.sum(valid & (var_b <= 1e-10 * (1 + np.square(mean_b))))),
+        constant=int(np.sum(counted & flat)),
         axis_smoothness=shares,
         local=local,
         in_eval=in_eval,
@@ -710,14 +754,15 @@ def _findings(face: _Face, layers: list[LayerReport], pairs: bool) -> tuple[Find
       found.setdefault("batch_of_one", []).append(r)
     elif r.never_updated and flagged:
       found.setdefault("never_updated", []).append(r)
-    elif _suspect_axis(r.axis_smoothness, r.options) is not None:
+    elif _suspect_axis(r) is not None:
       found.setdefault("wrong_axis", []).append(r)
     elif r.local > DEPARTURE:
-      window = r.window
-      unsettled = (r.ema_progress is not None and r.ema_progress < _SETTLED) or (
-        window is not None and r.updates is not None and r.updates < window
-      )
-      if unsettled:
+      w = r.window
+      if w is not None and r.updates is not None:  # the count decides where it is known
+        young = r.updates < w
+      else:
+        young = r.ema_progress is not None and r.ema_progress < _SETTLED
+      if young:
         found.setdefault("ema_not_settled", []).append(r)
       elif r.values_per_batch <= _SMALL:
         found.setdefault("small_batches", []).append(r)
@@ -760,10 +805,10 @@ def _explain(cause: str, r: LayerReport, rs: list[LayerReport], face: _Face, pop
     )
   if cause == "wrong_axis":
     smooth = r.axis_smoothness or {}
-    axis = _suspect_axis(smooth, r.options)
+    axis = _suspect_axis(r)
     o = r.options
-    assert axis is not None and o is not None
-    feature = (o.axis if isinstance(o.axis, int) else o.axis[0]) % (max(smooth) + 1)
+    assert axis is not None and o is not None and r.input_shape is not None
+    feature = (o.axis if isinstance(o.axis, int) else o.axis[0]) % len(r.input_shape)
     return (
       f"this layer normalizes axis {feature} of its input {r.input_shape}, whose neighbouring "
       f"entries correlate like positions ({smooth[feature]:.2f}), while those along axis "
@@ -790,7 +835,7 @@ def _explain(cause: str, r: LayerReport, rs: list[LayerReport], face: _Face, pop
     faster = ""
     if r.updates and o is not None and o.momentum is not None:
       tenth = 1 - 10 / max(r.updates, 20)
-      faster = f"\n# or train with a window of a tenth of the steps: momentum={tenth:.2f}"
+      faster = f"\n# or train with a window of a tenth of the steps: momentum={tenth:.4g}"
     return (
       f"the running statistics of this layer{also} are a moving average{momentum}{horizon} that "
       f"has not settled{seen}{progress}{implied} (mean shift {r.mean_shift:.2f} running std, "
@@ -842,9 +887,10 @@ def _face(fn: str, model: Any, kw: dict[str, Any], given: dict[str, Any]) -> _Fa
   if training is not None and isinstance(model, training.TrainState):
     from jaxbn import linen as jl
 
+    module = training.state.linen_model(fn, model)
     variables = {"params": model.params, "batch_stats": model.batch_stats}
     kw = {"train": True, **kw}
-    forward, states = jl._population_forward(fn, model.apply_fn.__self__, variables, **kw)
+    forward, states = jl._population_forward(fn, module, variables, **kw)
     return _Face(
       "train_state",
       forward,

@@ -71,6 +71,7 @@ from jaxbn.core import RunningStatsWarning
 from jaxbn.data import epoch_order
 from jaxbn.diagnosis import observed_options
 from jaxbn.diagnosis import unsettled
+from jaxbn.diagnosis import window
 
 __all__ = (
   "History",
@@ -411,20 +412,19 @@ def train_loop(
   return history
 
 
-def _unsettled(apply: Callable[..., Any], params: Any, state: Any, x: Any, several: bool):
-  """The RunningStatsWarning message for evaluating ``state`` (None: nothing to say)."""
+def _stats(state: Any) -> list[tuple[Any, Any]]:
+  """``(mean, var)`` of every BNState in ``state``."""
   leaves = jax.tree.leaves(state, is_leaf=lambda t: isinstance(t, BNState))
-  stats = [t for t in leaves if isinstance(t, BNState)]
-  if not stats:
-    return None
-  if several:  # the first run stands for all: they share the model and the steps
+  return [(t.mean, t.var) for t in leaves if isinstance(t, BNState)]
+
+
+def _options(apply: Callable[..., Any], params: Any, state: Any, x: Any, several: bool) -> list:
+  """The options of ``apply``'s batch norms (none without a BNState), traced for shapes."""
+  if not _stats(state):
+    return []
+  if several:  # the first run stands for all: they share the model
     params, state = jax.tree.map(lambda t: t[0], (params, state))
-    stats = [jax.tree.map(lambda t: t[0], s) for s in stats]
-  updates = min(int(s.step) for s in stats)
-  never = all(bool(jnp.all(s.mean == 0)) and bool(jnp.all(s.var == 1)) for s in stats)
-  steps = int(max(int(s.step) for s in stats))
-  options = observed_options(lambda: apply(params, state, x, train=True))
-  return unsettled("engine.train", options, steps if never else updates, never)
+  return observed_options(lambda: apply(params, state, x, train=True))
 
 
 def train(
@@ -585,15 +585,20 @@ def train(
       return None
     return jax.tree.map(np.asarray, compiled(eval_fn, 0)(params, state))
 
-  warned = False
+  options: list | None = None  # the layers' options, traced at the first evaluation
+  done = False  # warned, or past every window
 
   def on_eval(step, out):
-    nonlocal warned
-    if not warned and eval_fn is not None and step > 0:
+    nonlocal options, done
+    if not done and eval_fn is not None and step > 0:
       # Says once per run when the running statistics are not yet the data's.
-      message = _unsettled(apply, params, state, x[:batch_size], several)
+      if options is None:
+        options = _options(apply, params, state, x[:batch_size], several)
+      running = [jax.tree.map(lambda t: t[0] if several else t, r) for r in _stats(state)]
+      message = unsettled("engine.train", options, step, running)
+      windows = [w for o in options if (w := window(o)) is not None]
+      done = message is not None or step >= max(windows, default=0)
       if message is not None:
-        warned = True
         warnings.warn(message, RunningStatsWarning, stacklevel=6)
     if callback is not None:
       callback(step, params, state)

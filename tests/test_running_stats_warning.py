@@ -4,6 +4,7 @@ import functools
 import warnings
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -86,8 +87,12 @@ def test_unsettled_message():
   from jaxbn.diagnosis import unsettled
 
   opts = [jaxbn.BNOptions(momentum=0.99), jaxbn.BNOptions(momentum=0.999, accumulate_steps=2)]
-  assert "= 2000 at momentum 0.999" in unsettled("f", opts, 100, False)
-  assert unsettled("f", opts, 2000, False) is None
-  assert unsettled("f", opts, 0, True) is None  # before training: nothing to say
-  assert unsettled("f", [jaxbn.BNOptions(momentum=None)], 3, False) is None
-  assert "never updated" in unsettled("f", [jaxbn.BNOptions(momentum=None)], 3, True)
+  young = [(jnp.full(3, 0.4), jnp.full(3, 0.97))]  # 5% of the way to (8, 0.4): kept 0.95
+  assert "= 2000 at momentum 0.999" in unsettled("f", opts, 100, young)
+  assert unsettled("f", opts, 2000, young) is None  # a window's worth of updates
+  # A variance below momentum^t of the initial 1: not a young average from (0, 1).
+  assert unsettled("f", opts, 100, [(jnp.full(3, 0.4), jnp.full(3, 0.5))]) is None
+  initial = [(jnp.zeros(3), jnp.ones(3))]
+  assert unsettled("f", opts, 0, initial) is None  # before training: nothing to say
+  assert unsettled("f", [jaxbn.BNOptions(momentum=None)], 3, young) is None
+  assert "never updated" in unsettled("f", [jaxbn.BNOptions(momentum=None)], 3, initial)

@@ -17,6 +17,7 @@ from flax import traverse_util
 from flax.training import train_state as flax_train_state
 
 from jaxbn.core import RunningStatsWarning
+from jaxbn.diagnosis import is_labelled
 from jaxbn.diagnosis import observed_options
 from jaxbn.diagnosis import unsettled
 from jaxbn.engine import accuracy
@@ -240,19 +241,24 @@ def population_stats(
   """
   from jaxbn.linen import linen_population_stats
 
-  model = getattr(state.apply_fn, "__self__", None)
-  if not isinstance(model, nn.Module):
-    raise TypeError(
-      f"population_stats: state.apply_fn must be a linen model's apply (as "
-      f"create_train_state makes it), got {state.apply_fn!r}; use "
-      f"jaxbn.linen_population_stats(model, variables, batches, train=True)."
-    )
-  xs = (b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b for b in batches)
+  model = linen_model("population_stats", state)
+  xs = (b[0] if is_labelled(b) else b for b in batches)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   new = linen_population_stats(
     model, variables, xs, estimator=estimator, progress=progress, total=total, train=True
   )
   return state.replace(batch_stats=new["batch_stats"])
+
+
+def linen_model(fn: str, state: TrainState) -> nn.Module:
+  """The linen model whose ``apply`` is ``state.apply_fn``; a TypeError naming ``fn`` if none."""
+  model = getattr(state.apply_fn, "__self__", None)
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+      f"{fn}: state.apply_fn must be a linen model's apply (as create_train_state makes it), "
+      f"got {state.apply_fn!r}; use the linen model and its variables instead."
+    )
+  return model
 
 
 def _unsettled(where: str, state: TrainState, x: Any) -> str | None:
@@ -263,10 +269,8 @@ def _unsettled(where: str, state: TrainState, x: Any) -> str | None:
   if updates <= 0:
     return None
   flat = traverse_util.flatten_dict(dict(state.batch_stats))
-  means = [v for k, v in flat.items() if k[-1] == "mean"]
-  variances = [v for k, v in flat.items() if k[-1] == "var"]
-  never = bool(means) and all(bool(jnp.all(m == 0)) for m in means)
-  never = never and all(bool(jnp.all(v == 1)) for v in variances)
+  layers = {k[:-1] for k in flat if k[-1] == "mean" and (*k[:-1], "var") in flat}
+  running = [(flat[(*k, "mean")], flat[(*k, "var")]) for k in sorted(layers)]
   sample = jnp.asarray(x[:2])
   key = (state.apply_fn, sample.shape, str(sample.dtype))
   options = _OPTIONS.get(key) if _hashable(key) else None
@@ -277,7 +281,7 @@ def _unsettled(where: str, state: TrainState, x: Any) -> str | None:
     )
     if _hashable(key):
       _OPTIONS[key] = options
-  return unsettled(where, options, updates, never)
+  return unsettled(where, options, updates, running)
 
 
 # The layers' options of a model (its apply_fn) and input signature, traced once.
