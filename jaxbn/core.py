@@ -603,7 +603,6 @@ class _Config(NamedTuple):
   axis_index_groups: Any
   epsilon: float
   renorm: bool
-  always_refine: bool  # ghost batches: two passes, no cross-group predicate
 
 
 def _is_zero(t: Any) -> bool:
@@ -633,11 +632,11 @@ def _train_kernel(cfg: _Config):
   for a plain call), ``masks`` one mask (or None) for each; the per-feature
   arguments have the first input's layout. Returns ``(ys, (count, shift,
   delta, m2))``: the normalized outputs, one per input, and the joint
-  :class:`numerics.Shifted` moments of all the inputs, from ``shift`` (the
-  running mean) in one pass of independent sums and one collective, or from
-  the first pass's mean when ``shift`` proved far from it
-  (:func:`numerics.shifted_moments`; the returned ``shift`` is the one
-  used). It is a
+  :class:`numerics.Shifted` moments of all the inputs, in one pass of
+  independent sums from a shift provably near the batch's mean (the mean of a
+  strided subset, summed from ``shift``, the running mean;
+  :func:`numerics.shifted_moments`; the returned ``shift`` is the one used),
+  with no conditional. It is a
   ``jax.custom_jvp`` whose tangent map is linear in the tangents, so JAX gets
   forward mode (jvp, jacfwd, linearize) directly and reverse mode by
   transposing it. With ``xhat = (x - mu) r``, sums over the valid values of
@@ -722,8 +721,6 @@ def _train_kernel(cfg: _Config):
       axis_name=cfg.axis_name,
       axis_index_groups=cfg.axis_index_groups,
       dtype=dt,
-      floor=cfg.epsilon,
-      always_refine=cfg.always_refine,
     )
     a, b, *_ = affine(scale, bias, *st, ref_mean, ref_var, rmax, dmax)
     return outputs(xs, st.shift, st.delta, a, b), tuple(st)
@@ -750,8 +747,8 @@ def _train_kernel(cfg: _Config):
 
     # The tangent map in terms of e = x - shift (xhat = (e - delta) rstd):
     # sums of e times a full-size array are the cheapest reductions, and the
-    # guard of numerics.shifted_moments keeps |delta| within a few standard
-    # deviations, so `e2 - delta u1` cancels at most a few digits' worth.
+    # shift of numerics.shifted_moments keeps |delta| within sqrt(SUBSET)
+    # standard deviations, so `e2 - delta u1` cancels at most a few digits' worth.
     # e_p meets x_dot (u2; in the transpose, dx), e_q meets the output (in
     # the transpose, dscale): one copy for each full-size pass.
     c_p, c_q = numerics.copies(shift, 2)
@@ -1185,9 +1182,9 @@ def bn_train(
     rmax = dmax = jnp.zeros((), cdt)
   groups = None if axis_index_groups is None else tuple(tuple(g) for g in axis_index_groups)
   axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-  # The shift reference: the running mean, which every device holds (no
-  # slice of x, so no collective and no sharding of its own); far from the
-  # batch's mean, the kernel refines it (numerics.shifted_moments).
+  # The base of the shift's own sums: the running mean, which every device
+  # holds; the kernel's shift is a strided subset's mean from it
+  # (numerics.reference_shift), near the batch's mean whatever the data.
   shift = checkpoint_name(jax.lax.stop_gradient(ref_mean.astype(cdt)), SHIFT_NAME)
   cfg = _Config(
     tuple(la.reduction_axes for la in lays),
@@ -1195,7 +1192,6 @@ def bn_train(
     groups,
     float(epsilon),
     renorm is not None,
-    always_refine=ghost_batch_size is not None,
   )
   ys, (count, shift, delta, m2) = _train_kernel(cfg)(
     xs, scale, bias, masks, shift, ref_mean, ref_var, rmax, dmax

@@ -37,7 +37,7 @@ Numerical decisions, each deliberate:
 
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 __all__ = (
   "REFINE_RATIO",
+  "SUBSET",
   "BatchAverage",
   "Moments",
   "Shifted",
@@ -60,6 +61,7 @@ __all__ = (
   "moments",
   "needs_refinement",
   "psum",
+  "reference_shift",
   "shifted_moments",
   "shifted_sums",
   "stats_dtype",
@@ -154,6 +156,11 @@ def _inputs(
   axes = tuple(axes)
   nested = any(isinstance(a, (tuple, list)) for a in axes)
   per = tuple(map(tuple, axes)) if nested else (axes,) * len(xs)
+  if mask is not None and not isinstance(mask, (tuple, list)):
+    raise TypeError(
+      f"numerics: x is a tuple of {len(xs)} inputs but mask is one array; give a tuple of "
+      f"one mask (or None) per input."
+    )
   masks = (None,) * len(xs) if mask is None else tuple(mask)
   if len(per) != len(xs) or len(masks) != len(xs):
     raise ValueError(
@@ -185,14 +192,12 @@ def _add(total: Array | None, t: Array) -> Array:
   return t if total is None else total + t
 
 
-# A shift farther from the mean than ``sqrt(REFINE_RATIO)`` standard
-# deviations triggers a second pass (see :func:`shifted_moments`). The
-# one-pass variance's relative error is about ``eps * (1 + delta^2 / var)``
-# (``eps`` the float32 spacing, 1.2e-7), so at most ``33 eps`` (4e-6) in a
-# pass that is kept; the tests of exactness at a 1e6 offset hold with 16 to
-# 1024, and a smaller value refines more often for nothing.
+# The one-pass variance's relative error is about ``eps * (1 + delta^2 / var)``
+# (``eps`` the float32 spacing, 1.2e-7): a shift farther from the mean than
+# ``sqrt(REFINE_RATIO)`` standard deviations loses more than ``33 eps`` (4e-6).
+# shifted_moments' shift stays within sqrt(SUBSET) (SUBSET < REFINE_RATIO).
 REFINE_RATIO = 32.0
-"""A pass is refined when ``delta^2 / var`` exceeds this (see the comment above it)."""
+"""``delta^2 / var`` beyond which one pass loses digits (:func:`needs_refinement`)."""
 
 
 def shifted_sums(
@@ -300,7 +305,11 @@ def shifted_sums(
 
 
 def needs_refinement(st: Shifted, floor: Any = 0.0) -> Array:
-  """Whether any feature's shift is too far from its mean for one pass.
+  """Whether any feature's shift is too far from its mean for one pass (a diagnostic).
+
+  :func:`shifted_moments` never needs it (its shift is near the mean by
+  construction); it tells whether a pass of :func:`shifted_sums` from a shift
+  of one's own lost digits.
 
   True where ``delta^2 > REFINE_RATIO * (var + floor)`` for a finite
   ``delta`` and ``m2`` (a non-finite batch is not made finite by a second
@@ -319,6 +328,92 @@ def needs_refinement(st: Shifted, floor: Any = 0.0) -> Array:
   return jnp.any(ok & (jnp.square(st.delta) > limit))
 
 
+SUBSET = 32
+"""The shift of :func:`shifted_moments` is the mean of at least ``1 / SUBSET`` of the values."""
+
+
+def _strided_axis(t: Array, axes: tuple[int, ...]) -> int | None:
+  """The reduced axis to take every ``SUBSET``-th entry of, or None for every entry.
+
+  The longest reduced axis but the first (the batch's, the one split over
+  devices: entries along another are on every device, and no data moves); the
+  first only when there is no other (an ``(N, C)`` input), and not when it is
+  explicitly sharded (a strided slice of it would move data between devices).
+  """
+  rest = [a for a in axes[1:] if t.shape[a] > 1]
+  if rest:
+    return max(rest, key=lambda a: t.shape[a])
+  spec = getattr(getattr(jax.typeof(t), "sharding", None), "spec", None)
+  if spec is not None and len(spec) > axes[0] and spec[axes[0]] is not None:
+    return None
+  return axes[0]
+
+
+def reference_shift(
+  x: Array | Sequence[Array],
+  axes: Sequence[int] | Sequence[Sequence[int]],
+  base: Array,
+  *,
+  mask: Array | Sequence[Array | None] | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  dtype: Any = None,
+) -> Array:
+  """A per-feature shift provably near the mean, for one pass of :func:`shifted_sums`.
+
+  Without a mask: the mean of every ``SUBSET``-th entry along one reduced axis
+  (strided, so about ``1 / SUBSET`` of ``x`` is read; every entry where no
+  axis can be strided without moving data between devices). The mean ``K`` of any ``k``
+  of ``n`` values satisfies ``(K - mean)^2 <= (1/k) sum_subset (x - mean)^2 <=
+  (n / k) var``, so ``delta^2 <= SUBSET * var``, and one pass from ``K`` has a
+  relative error of about ``(1 + SUBSET) eps`` in its variance, whatever the
+  data and however far from zero. With a mask (a subset could hold no valid
+  value) it is the mean of every valid value. Either is taken from values
+  shifted by ``base`` (the running mean: the sums stay on the data's scale) and,
+  with ``axis_name``, summed across devices in one collective of per-feature
+  values, so that it is the same on every device. Features with no valid value
+  keep ``base``.
+
+  Args:
+    x: floating array, or a tuple of them (as :func:`shifted_sums`).
+    axes: the axes to reduce.
+    base: per-feature reference, broadcastable against ``x`` (the first input)
+      with the reduced axes of size 1, the same on every device.
+    mask: optional mask(s), as :func:`shifted_sums`.
+    axis_name: optional named axis the values are split over.
+    axis_index_groups: optional subgroups of ``axis_name``.
+    dtype: the dtype to compute in.
+
+  Returns:
+    The shift, in the first input's layout with the reduced axes of size 1.
+  """
+  xs, per_axes, masks = _inputs(x, axes, mask)
+  dtype = _dtype_of(xs) if dtype is None else jnp.dtype(dtype)
+  keep = tuple(1 if i in per_axes[0] else n for i, n in enumerate(xs[0].shape))
+  base = jnp.broadcast_to(jax.lax.stop_gradient(base).astype(dtype), keep)
+  total = count = None
+  masked = any(m is not None for m in masks)
+  for t, a, m in zip(xs, per_axes, masks, strict=True):
+    k = tuple(1 if i in a else n for i, n in enumerate(t.shape))
+    d = t.astype(dtype) - _like(base, k)
+    if masked:
+      valid = jnp.ones((), bool) if m is None else (m if m.dtype == jnp.bool_ else m != 0)
+      d = jnp.where(valid, d, 0)
+      c = jnp.sum(jnp.broadcast_to(valid, t.shape), a, keepdims=True, dtype=dtype)
+    else:
+      b = _strided_axis(t, a) if a else None  # no axis: an example under vmap
+      if b is not None:
+        d = jax.lax.slice_in_dim(d, 0, t.shape[b], SUBSET, axis=b)
+      c = jnp.full(k, math.prod(d.shape[i] for i in a), dtype)
+    total = _add(total, _like(jnp.sum(d, a, keepdims=True), keep))
+    count = _add(count, _like(c, keep))
+  assert total is not None and count is not None
+  if axis_name is not None:
+    total, count = psum((total, count), axis_name, axis_index_groups)
+  step = total / jnp.where(count > 0, count, 1)
+  return base + jnp.where(jnp.isfinite(step), step, 0)
+
+
 def shifted_moments(
   x: Array | Sequence[Array],
   axes: Sequence[int] | Sequence[Sequence[int]],
@@ -328,75 +423,42 @@ def shifted_moments(
   axis_name: Any = None,
   axis_index_groups: Any = None,
   dtype: Any = None,
-  floor: Any = 0.0,
-  always_refine: bool = False,
 ) -> Shifted:
-  """Moments of ``x`` over ``axes``, one pass from ``shift``, two when it is far.
+  """Moments of ``x`` over ``axes``, exact to float32 rounding wherever the data lie.
 
-  :func:`shifted_sums` from ``shift`` (default 0); then, if any feature's
-  ``delta^2`` exceeds ``REFINE_RATIO * (var + floor)``, the sums again from
-  ``shift + delta`` (the first pass's mean, which derives from the valid
-  values alone and, after the collective, is the same on every device), in
-  a ``lax.cond`` whose predicate is the same on every device. A shift near
-  the data (the running mean of a trained layer, or 0 for data near zero)
-  costs one pass and one collective; a far shift (the first steps far from
-  zero, a jump in the data) costs a second of each. The result is exact to
-  float32 rounding whatever the shift (within ``sqrt(REFINE_RATIO)``
-  standard deviations of the mean after the second pass, unless the first
-  pass's mean is itself off by more than that: a shift so far away that
-  ``x - shift`` loses the data's spread).
+  :func:`shifted_sums` from :func:`reference_shift`: a shift within
+  ``sqrt(SUBSET)`` standard deviations of the mean whatever the data, taken
+  from a strided ``1 / SUBSET`` of the values (every valid value under a
+  mask). No predicate and no conditional: the same program on every step,
+  the first ones far from zero and after a jump in the data included. With
+  ``axis_name``, two collectives of per-feature values: the shift's (so that
+  it is the same on every device) and the sums'.
 
   Args:
     x: floating array (computed in ``stats_dtype(x.dtype)``), or a tuple of
       arrays with the same features: their joint moments (see
-      :func:`shifted_sums`; one predicate, one collective per pass).
+      :func:`shifted_sums`).
     axes: the axes to reduce (for a tuple ``x``, as :func:`shifted_sums`).
     mask: optional array broadcastable to ``x``; nonzero entries count (for a
       tuple ``x``, one per input or None).
-    shift: per-feature first reference broadcastable against ``x`` (the first
-      input) with the reduced axes of size 1 (same on every device); default
-      0. Non-finite entries are replaced by 0.
+    shift: per-feature base of the shift's own sums, broadcastable against
+      ``x`` (the first input) with the reduced axes of size 1 (same on every
+      device; a running mean keeps them on the data's scale); default 0.
+      Non-finite entries are replaced by 0.
     axis_name: optional named axis the values are split over.
     axis_index_groups: optional subgroups of ``axis_name``.
     dtype: the dtype to compute in (default ``stats_dtype(x.dtype)``).
-    floor: variance below which a shift's distance does not matter (see
-      :func:`needs_refinement`).
-    always_refine: take the second pass unconditionally, with no predicate.
-      For groups of values that must not be joined across devices (ghost
-      batches within each device's rows under a batch-sharded ``jit``): the
-      predicate, one scalar for every group, would need a collective.
 
   Returns:
     :class:`Shifted` with the reduced axes kept; ``shift`` is the reference
     the returned ``delta`` and ``m2`` were computed from.
   """
   dtype = _dtype_of(_inputs(x, axes, mask)[0]) if dtype is None else jnp.dtype(dtype)
-  shift = jnp.zeros((), dtype) if shift is None else jax.lax.stop_gradient(shift).astype(dtype)
-  shift = jnp.where(jnp.isfinite(shift), shift, 0)
-  run = functools.partial(
-    shifted_sums,
-    x,
-    axes,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    dtype=dtype,
-  )
-  st = run(shift)
-
-  # Both branches move the shift by a per-feature value of delta's type, so
-  # that their outputs agree in sharding (explicit sharding: the running mean
-  # is replicated, delta is sharded like the features) and in variance over
-  # devices (subgroups under shard_map).
-  def refine(st: Shifted) -> Shifted:
-    return run(st.shift + jnp.where(jnp.isfinite(st.delta), st.delta, 0))
-
-  def keep(st: Shifted) -> Shifted:
-    return st._replace(shift=st.shift + jnp.zeros_like(st.delta))
-
-  if always_refine:
-    return refine(st)
-  return jax.lax.cond(needs_refinement(st, floor), refine, keep, st)
+  base = jnp.zeros((), dtype) if shift is None else jax.lax.stop_gradient(shift).astype(dtype)
+  base = jnp.where(jnp.isfinite(base), base, 0)
+  collective = {"axis_name": axis_name, "axis_index_groups": axis_index_groups}
+  ref = reference_shift(x, axes, base, mask=mask, dtype=dtype, **collective)
+  return shifted_sums(x, axes, ref, mask=mask, dtype=dtype, **collective)
 
 
 def batch_moments(

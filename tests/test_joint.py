@@ -350,7 +350,7 @@ def _sharded():
   return mesh, jax.device_put((a, b, mb), NamedSharding(mesh, P("data")))
 
 
-def test_shard_map_one_all_reduce_for_both_inputs_and_the_concatenations_statistics():
+def test_shard_map_collectives_shared_by_both_inputs_and_the_concatenations_statistics():
   mesh, (a, b, mb) = _sharded()
   params, state = _setup((16,))
 
@@ -363,7 +363,9 @@ def test_shard_map_one_all_reduce_for_both_inputs_and_the_concatenations_statist
   spec = P("data")
   f = jax.shard_map(joint, mesh=mesh, in_specs=(spec,) * 3, out_specs=((spec, spec), P()))
   g = jax.shard_map(one, mesh=mesh, in_specs=spec, out_specs=(spec, P()))
-  assert _collectives(f, a, b, mb) == _collectives(g, a) == (1, 1, [])  # the refined pass: 1
+  # Both inputs share the shift's all-reduce and the sums': as many as one input, no
+  # conditional.
+  assert _collectives(f, a, b, mb) == _collectives(g, a) == (2, 0, [])
 
   (ya, yb), new = jax.jit(f)(a, b, mb)
   cat = np.concatenate([a, b])

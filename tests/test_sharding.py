@@ -6,6 +6,8 @@ against float64 NumPy on the same float32 input; collective counts are read
 from the compiled HLO and compared with flax.linen.BatchNorm's.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,8 @@ def _check_exact(y, batch, x, mask):
   valid = np.broadcast_to(np.asarray(True if mask is None else mask), x.shape)
   err = np.max(np.abs(np.where(valid, np.asarray(y, np.float64) - xhat, 0)))
   assert err < 200 * F32, err  # the masked-first-row bug gave 0.15
-  np.testing.assert_allclose(batch.mean, mu, rtol=F32)
+  # The mean to float32 rounding of the data's values and of their spread.
+  np.testing.assert_allclose(batch.mean, mu, rtol=F32, atol=4 * F32 * np.sqrt(np.max(var)))
   np.testing.assert_allclose(batch.var, var, rtol=50 * F32)
 
 
@@ -61,7 +64,7 @@ def test_far_from_zero_with_masks_over_the_first_training_steps(masked):
   dirty = x if mask is None else jnp.where(mask, x, jnp.nan)  # hidden values never count
   params, state = jaxbn.bn_init(8)
   step = jax.jit(lambda s, x, m: jaxbn.bn_train(params, s, x, mask=mask, momentum=m))
-  for _ in range(3):  # the guard's second pass at each step
+  for _ in range(3):  # the running mean far from the data at each step
     y, batch = step(state, dirty, 0.0)
     _check_exact(y, batch, x, mask)
     state = step(state, dirty, 0.99)[1]
@@ -79,8 +82,8 @@ def test_far_from_zero_through_linen_with_a_flax_style_mask():
   np.testing.assert_allclose(upd["batch_stats"]["var"], var, rtol=50 * F32)
 
 
-def test_a_jump_in_the_data_is_refined_to_float32_rounding():
-  """A state trained near 0 meets data at 1e6 (and back): the guard's second pass."""
+def test_a_jump_in_the_data_stays_exact_to_float32_rounding():
+  """A state trained near 0 meets data at 1e6 (and back): the shift is the data's own."""
   params, state = jaxbn.bn_init(4)
   state = state._replace(mean=jnp.full(4, -3.0), var=jnp.full(4, 2.0))
   for offset in (1e6, 0.0, -5e5):
@@ -118,6 +121,86 @@ def test_masked_and_uneven_shards_under_shard_map(layout):
     y, batch = _shard_map_train(mesh, x, mask, state, 0.0)
     _check_exact(y, batch, x, mask)
     state = _shard_map_train(mesh, x, mask, state, 0.9)[1]
+
+
+def test_a_device_with_no_valid_row_and_a_step_with_none_under_jit():
+  """GSPMD jit, batch sharded over 8 devices: device 0's rows all masked, then every row.
+
+  With some valid rows the statistics are theirs, exactly. With none, the state is kept
+  (step aside), nothing is NaN, and the gradients of scale and bias are 0: a loss that
+  counts valid examples only gives masked positions no cotangent.
+  """
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  sharded = NamedSharding(mesh, P("data"))
+  x = jax.device_put(1e6 + 2 * jax.random.normal(jax.random.key(0), (64, 4, 3)), sharded)
+  ct = jax.device_put(jax.random.normal(jax.random.key(1), x.shape), sharded)
+  params, state = jaxbn.bn_init(3)
+  state = state._replace(mean=jnp.full(3, 1e6), var=jnp.full(3, 4.0), count=jnp.full(3, 64.0))
+
+  def loss(p, x, keep):
+    y, new = jaxbn.bn_train(p, state, x, mask=keep[:, None, None], momentum=None)
+    return jnp.sum(jnp.where(keep[:, None, None], y * ct, 0)), (y, new)
+
+  step = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+  rows = jnp.arange(64)
+  for keep in (rows >= 8, rows < 0):  # device 0 holds no valid row; then no device does
+    keep = jax.device_put(keep, sharded)
+    (_, (y, new)), (gp, gx) = step(params, x, keep)
+    for t in jax.tree.leaves((y, new, gp, gx)):
+      assert np.all(np.isfinite(np.asarray(t, np.float64)))
+    assert int(new.step) == 1
+    if bool(jnp.any(keep)):
+      mask = np.broadcast_to(np.asarray(keep)[:, None, None], x.shape)
+      mu, _, _ = _ref(x, mask)
+      # momentum=None: the state's 64 values merged with 56 rows of 4 values.
+      np.testing.assert_allclose(new.mean, (64 * 1e6 + 224 * mu) / 288, rtol=4 * F32)
+      np.testing.assert_allclose(new.count, 288.0)
+    else:
+      for a, b in zip(new[:3], state[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(gp.scale, 0.0)
+      np.testing.assert_array_equal(gp.bias, 0.0)
+      np.testing.assert_array_equal(gx, 0.0)
+
+
+def test_features_sharded_over_a_second_axis_reduce_their_own_features_only():
+  """P('data', 'model') under jit: no all-gather, and the all-reduces over 'data' carry
+  each device's features (C / 2 of them), never x."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  spec = NamedSharding(mesh, P("data", None, None, "model"))
+  x = jax.device_put(1e3 + jax.random.normal(jax.random.key(0), (32, 4, 4, 16)), spec)
+  ct = jax.device_put(jax.random.normal(jax.random.key(1), x.shape), spec)
+  params, state = jaxbn.bn_init(16)
+
+  def loss(p, x):
+    y, new = jaxbn.bn_train(p, state, x)
+    return jnp.sum(y * ct), (y, new)
+
+  f = jax.value_and_grad(loss, (0, 1), has_aux=True)
+  text = jax.jit(f).lower(params, x).compile().as_text()
+  assert " all-gather(" not in text and " all-gather-start(" not in text
+  over_data = 0
+  for line in text.splitlines():
+    if " all-reduce(" not in line and " all-reduce-start(" not in line:
+      continue
+    result = line.split("=")[1].split("all-reduce")[0]
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in
+             re.findall(r"\[([0-9,]*)\]", result)]  # fmt: skip
+    groups = line.split("replica_groups=")[1]
+    if "{'axis_0'}" in groups:  # the 'data' axis of the mesh (4 devices)
+      over_data += 1
+      assert max(sizes) <= 8, line  # each device's 8 features
+    else:  # over 'model': scalars only (the loss, a predicate)
+      assert max(sizes, default=1) <= 1, line
+  assert over_data >= 2  # the statistics forward, the two sums backward
+  (_, (y, new)), (gp, gx) = jax.jit(f)(params, x)
+  mu, var, xhat = _ref(x)
+  np.testing.assert_allclose(new.mean, 0.01 * mu, rtol=EMA)
+  np.testing.assert_allclose(new.var, 0.99 + 0.01 * var, rtol=EMA)
+  assert np.max(np.abs(np.asarray(y, np.float64) - xhat)) < 200 * F32
+  dbias = np.asarray(ct, np.float64).sum((0, 1, 2))  # sum(dy), the closed form
+  np.testing.assert_allclose(gp.bias, dbias, rtol=1e-4, atol=1e-4)
+  assert jax.typeof(gx).sharding.spec == spec.spec or gx.sharding.is_equivalent_to(spec, 4)
 
 
 # ------------------------------------------------------------ collectives
@@ -178,21 +261,26 @@ def _flax_fns(x):
   return fwd, (lambda p, x: jax.value_and_grad(loss, (0, 1), has_aux=True)(p, x)), variables
 
 
-def test_one_all_reduce_per_direction_under_gspmd_jit():
-  """A batch-sharded NamedSharding, no axis_name: statistics of the whole batch."""
+def test_all_reduces_of_per_feature_values_under_gspmd_jit():
+  """A batch-sharded NamedSharding, no axis_name: statistics of the whole batch.
+
+  Forward: the shift's all-reduce and the sums' (flax: one, of its two means); backward:
+  one, as flax's; no conditional, no all-gather.
+  """
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-  x = jax.device_put(jnp.ones((256, 8, 8, 64)), NamedSharding(mesh, P("data")))
-  fwd, cond_fwd, gathered = _collectives(_jaxbn_forward(x), x)
-  assert (fwd, cond_fwd, gathered) == (1, 1, [])  # one pass; a second only when refined
-  grad, params = _jaxbn_grad(x)
-  total, cond_total, gathered = _collectives(grad, params, x)
-  assert (total, cond_total, gathered) == (2, 1, [])
-  flax_fwd, flax_grad, variables = _flax_fns(x)
-  assert fwd <= _collectives(flax_fwd, x)[0]
-  assert total <= _collectives(flax_grad, variables["params"], x)[0]
+  for shape in ((256, 8, 8, 64), (256, 64)):
+    x = jax.device_put(jnp.ones(shape), NamedSharding(mesh, P("data")))
+    fwd = _collectives(_jaxbn_forward(x), x)
+    assert fwd == (2, 0, [])
+    grad, params = _jaxbn_grad(x)
+    total = _collectives(grad, params, x)
+    assert total == (3, 0, [])
+    flax_fwd, flax_grad, variables = _flax_fns(x)
+    assert fwd[0] == _collectives(flax_fwd, x)[0] + 1
+    assert total[0] == _collectives(flax_grad, variables["params"], x)[0] + 1
 
 
-def test_one_all_reduce_per_direction_with_axis_name():
+def test_all_reduces_per_direction_with_axis_name():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   x = jax.device_put(jnp.ones((64, 4, 4, 16)), NamedSharding(mesh, P("data")))
   params, state = jaxbn.bn_init(16)
@@ -220,15 +308,15 @@ def test_one_all_reduce_per_direction_with_axis_name():
 
   main, cond, gathered = _collectives(sharded(ours, params), params, x)
   flax_main, _, _ = _collectives(sharded(theirs, variables["params"]), variables["params"], x)
-  assert (cond, gathered) == (1, [])
-  assert main <= flax_main
+  assert (cond, gathered) == (0, [])
+  assert main <= flax_main + 1  # at most the shift's more (XLA combines independent ones)
   fwd = jax.shard_map(
     lambda x: jaxbn.bn_train(params, state, x, axis_name="data"),
     mesh=mesh,
     in_specs=P("data"),
     out_specs=(P("data"), P()),
   )
-  assert _collectives(fwd, x)[:2] == (1, 1)
+  assert _collectives(fwd, x)[:2] == (2, 0)
 
 
 # ------------------------------------------------------------ explicit sharding
