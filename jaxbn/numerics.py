@@ -18,21 +18,21 @@ Numerical decisions, each deliberate:
   catastrophically far from zero. The sums are taken of values shifted by a
   per-feature reference near the data (``S1 = sum(x - K)``,
   ``S2 = sum((x - K)^2)``, one pass of independent reductions,
-  :func:`shifted_sums`); when the reference proves far from the mean, a
-  second pass from that mean (:func:`shifted_moments`) keeps the result exact
-  to float32 rounding.
+  :func:`shifted_sums`). ``K`` is the mean of a strided ``1 / SUBSET`` of the
+  values (:func:`reference_shift`), within ``sqrt(SUBSET)`` standard deviations
+  of the mean whatever the data, so one pass is exact to float32 rounding with
+  no predicate and no conditional (:func:`shifted_moments`).
 * A count of zero is safe: its mean and variance are 0 and it merges as a
   no-op; nothing divides by zero.
-* Across devices (:func:`batch_moments` with ``axis_name``), the count and
-  both sums cross devices in one collective, and the reference is the same on
-  every device (a value all of them hold, never a slice of one device's
-  data): the statistics of the whole batch, so unequal or masked shards are
-  weighed by their counts (an equal-weight mean of per-shard means is not).
+* Across devices (:func:`batch_moments` with ``axis_name``), the reference's
+  sums cross devices first (one collective of per-feature values, so that it
+  is the same on every device), then the count and both sums in one more: the
+  statistics of the whole batch, so unequal or masked shards are weighed by
+  their counts (an equal-weight mean of per-shard means is not).
 * Several inputs that share one set of statistics (``x`` a tuple of arrays
   with the same features, :func:`shifted_sums`) are never concatenated: each
   input's sums are taken over its own reduced axes and added per feature, so
-  the count and the sums of all of them cross devices in the one collective
-  and meet one refinement predicate.
+  the count and the sums of all of them cross devices together.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def shifted_sums(
   This is the shifted-data algorithm (Chan, Golub & LeVeque 1983): its
   relative error in ``m2`` is about ``eps * (1 + delta^2 / var)``, exact to
   rounding when ``shift`` is within a few standard deviations of the mean
-  (:func:`shifted_moments` refines it otherwise). Masked-out positions enter
+  (:func:`reference_shift` gives one that is). Masked-out positions enter
   no sum (selected away, not multiplied by 0: NaN or inf there stay out).
 
   ``x`` may be a tuple of arrays whose kept (feature) axes agree in size and
