@@ -332,21 +332,28 @@ SUBSET = 32
 """The shift of :func:`shifted_moments` is the mean of at least ``1 / SUBSET`` of the values."""
 
 
-def _strided_axis(t: Array, axes: tuple[int, ...]) -> int | None:
-  """The reduced axis to take every ``SUBSET``-th entry of, or None for every entry.
+def _strides(t: Array, axes: tuple[int, ...]) -> dict[int, int]:
+  """A stride per reduced axis, their product at most ``SUBSET`` (as close to it as sizes allow).
 
-  The longest reduced axis but the first (the batch's, the one split over
-  devices: entries along another are on every device, and no data moves); the
-  first only when there is no other (an ``(N, C)`` input), and not when it is
-  explicitly sharded (a strided slice of it would move data between devices).
+  The longest reduced axes first, and the first reduced axis (the batch's, the one
+  split over devices) last: entries along another axis are on every device, and no
+  data moves. Not the batch's axis when it is explicitly sharded (a strided slice of
+  it would move data between devices). Every ``s``-th entry along axes of sizes ``L``
+  keeps ``prod ceil(L / s)`` of the values, at least ``1 / prod s`` of them.
   """
-  rest = [a for a in axes[1:] if t.shape[a] > 1]
-  if rest:
-    return max(rest, key=lambda a: t.shape[a])
+  order = sorted((a for a in axes[1:] if t.shape[a] > 1), key=lambda a: -t.shape[a])
   spec = getattr(getattr(jax.typeof(t), "sharding", None), "spec", None)
-  if spec is not None and len(spec) > axes[0] and spec[axes[0]] is not None:
-    return None
-  return axes[0]
+  sharded = spec is not None and len(spec) > axes[0] and spec[axes[0]] is not None
+  if not sharded:
+    order.append(axes[0])
+  budget, strides = SUBSET, {}
+  for a in order:
+    step = min(budget, t.shape[a])
+    if step < 2:
+      continue
+    strides[a] = step
+    budget //= step
+  return strides
 
 
 def reference_shift(
@@ -361,9 +368,10 @@ def reference_shift(
 ) -> Array:
   """A per-feature shift provably near the mean, for one pass of :func:`shifted_sums`.
 
-  Without a mask: the mean of every ``SUBSET``-th entry along one reduced axis
-  (strided, so about ``1 / SUBSET`` of ``x`` is read; every entry where no
-  axis can be strided without moving data between devices). The mean ``K`` of any ``k``
+  Without a mask: the mean of a strided grid of the entries, every ``s_a``-th
+  along reduced axes ``a`` with ``prod s_a <= SUBSET`` (about ``1 / SUBSET`` of
+  ``x`` is read; every entry where no axis can be strided without moving data
+  between devices). The mean ``K`` of any ``k``
   of ``n`` values satisfies ``(K - mean)^2 <= (1/k) sum_subset (x - mean)^2 <=
   (n / k) var``, so ``delta^2 <= SUBSET * var``, and one pass from ``K`` has a
   relative error of about ``(1 + SUBSET) eps`` in its variance, whatever the
@@ -401,9 +409,9 @@ def reference_shift(
       d = jnp.where(valid, d, 0)
       c = jnp.sum(jnp.broadcast_to(valid, t.shape), a, keepdims=True, dtype=dtype)
     else:
-      b = _strided_axis(t, a) if a else None  # no axis: an example under vmap
-      if b is not None:
-        d = jax.lax.slice_in_dim(d, 0, t.shape[b], SUBSET, axis=b)
+      # No axis: an example under vmap, whose values are all taken.
+      for b, step in (_strides(t, a) if a else {}).items():
+        d = jax.lax.slice_in_dim(d, 0, t.shape[b], step, axis=b)
       c = jnp.full(k, math.prod(d.shape[i] for i in a), dtype)
     total = _add(total, _like(jnp.sum(d, a, keepdims=True), keep))
     count = _add(count, _like(c, keep))
