@@ -341,14 +341,17 @@ def _strides(t: Array, axes: tuple[int, ...]) -> dict[int, int]:
   it would move data between devices). Every ``s``-th entry along axes of sizes ``L``
   keeps ``prod ceil(L / s)`` of the values, at least ``1 / prod s`` of them.
   """
-  order = sorted((a for a in axes[1:] if t.shape[a] > 1), key=lambda a: -t.shape[a])
+  # A symbolic size (jax.export) is taken as large: every s-th entry still keeps at least
+  # 1 / s of the values, however many there are.
+  size = {a: t.shape[a] if isinstance(t.shape[a], int) else SUBSET for a in axes}
+  order = sorted((a for a in axes[1:] if size[a] > 1), key=lambda a: -size[a])
   spec = getattr(getattr(jax.typeof(t), "sharding", None), "spec", None)
   sharded = spec is not None and len(spec) > axes[0] and spec[axes[0]] is not None
   if not sharded:
     order.append(axes[0])
   budget, strides = SUBSET, {}
   for a in order:
-    step = min(budget, t.shape[a])
+    step = min(budget, size[a])
     if step < 2:
       continue
     strides[a] = step
