@@ -406,15 +406,17 @@ def reference_shift(
   masked = any(m is not None for m in masks)
   for t, a, m in zip(xs, per_axes, masks, strict=True):
     k = tuple(1 if i in a else n for i, n in enumerate(t.shape))
-    d = t.astype(dtype) - _like(base, k)
     if masked:
       valid = jnp.ones((), bool) if m is None else (m if m.dtype == jnp.bool_ else m != 0)
-      d = jnp.where(valid, d, 0)
+      d = jnp.where(valid, t.astype(dtype) - _like(base, k), 0)
       c = jnp.sum(jnp.broadcast_to(valid, t.shape), a, keepdims=True, dtype=dtype)
     else:
+      # Sliced before it is converted or shifted: only the subset is read (and
+      # XLA's cost analysis, which counts a fusion's operands whole, sees that).
       # No axis: an example under vmap, whose values are all taken.
       for b, step in (_strides(t, a) if a else {}).items():
-        d = jax.lax.slice_in_dim(d, 0, t.shape[b], step, axis=b)
+        t = jax.lax.slice_in_dim(t, 0, t.shape[b], step, axis=b)
+      d = t.astype(dtype) - _like(base, k)
       c = jnp.full(k, math.prod(d.shape[i] for i in a), dtype)
     total = _add(total, _like(jnp.sum(d, a, keepdims=True), keep))
     count = _add(count, _like(c, keep))
