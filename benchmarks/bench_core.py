@@ -6,10 +6,12 @@ independent of ``x`` (in a model the output's cotangent is not the input: with
 ``sum(y * x)`` XLA would reuse the forward's ``sum(x)`` as the backward's
 ``sum(dy)``, a saving no model gets). Inference: ``bn_infer`` against a
 plain copy of the same array (NumPy, and XLA under jit) and against the
-cheapest XLA elementwise op (``x * 1.5 + 0.5`` with scalar constants). Runs are interleaved
-(one of each in turn) and the median of ``--reps`` is reported, so both sides
-see the same machine load. Also reports compiled temporary memory and the
-output std on ``1e4 + N(0, 1)`` input (exactness far from zero).
+cheapest XLA elementwise op (``x * 1.5 + 0.5`` with scalar constants). Runs
+are interleaved (one of each in turn, the order rotating from round to round,
+so that none always finds ``x`` in cache after the same predecessor) and the
+median of ``--reps`` is reported, so both sides see the same machine load.
+Also reports compiled temporary memory and the output std on
+``1e4 + N(0, 1)`` input (exactness far from zero).
 
 Usage:
   python benchmarks/bench_core.py [--reps 30] [--shapes small|all] [--reuse-memory]
@@ -83,6 +85,22 @@ def _time(fn, *args) -> float:
   return time.perf_counter() - t0
 
 
+def _rotated(runs: dict, reps: int) -> dict[str, list[float]]:
+  """Seconds of each of ``runs`` (callables returning seconds), ``reps`` rounds in rotating order.
+
+  Every step reads the same ``x``: run in a fixed order, each would find ``x``
+  in cache where its predecessor left it, always the same one. Rotating the
+  order gives each the same predecessors.
+  """
+  names = list(runs)
+  times = {k: [] for k in names}
+  for r in range(reps):
+    k = r % len(names)
+    for name in names[k:] + names[:k]:
+      times[name].append(runs[name]())
+  return times
+
+
 def _compiled(fn, *args):
   return fn.lower(*args).compile()
 
@@ -130,16 +148,21 @@ def bench(shape, reps: int) -> dict:
   )
   for fn, args in warm:
     jax.block_until_ready(fn(*args))  # compile and warm up
-  times = {k: [] for k in ("jaxbn", "flax", "infer", "xla_copy", "xla_affine", "np_copy")}
-  for _ in range(reps):
-    times["flax"].append(_time(theirs, fparams, x, fstats))
-    times["jaxbn"].append(_time(ours, params, x, state))
-    times["infer"].append(_time(infer, x))
-    times["xla_copy"].append(_time(xla_copy, x))
-    times["xla_affine"].append(_time(xla_affine, x))
+
+  def np_copy():
     t0 = time.perf_counter()
     np.copy(x_np)
-    times["np_copy"].append(time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+  runs = {
+    "flax": functools.partial(_time, theirs, fparams, x, fstats),
+    "jaxbn": functools.partial(_time, ours, params, x, state),
+    "infer": functools.partial(_time, infer, x),
+    "xla_copy": functools.partial(_time, xla_copy, x),
+    "xla_affine": functools.partial(_time, xla_affine, x),
+    "np_copy": np_copy,
+  }
+  times = _rotated(runs, reps)
   med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
   std_ours = _output_std_far_from_zero(lambda x: jaxbn.bn_train(*jaxbn.bn_init(c), x)[0], c)
@@ -173,10 +196,7 @@ def bandwidth(shape, reps: int) -> dict:
   fns["copy"] = (jax.jit(lambda x: x + 0), (x,))
   for fn, a in fns.values():
     jax.block_until_ready(fn(*a))
-  times = {k: [] for k in fns}
-  for _ in range(reps):
-    for k, (fn, a) in fns.items():
-      times[k].append(_time(fn, *a))
+  times = _rotated({k: functools.partial(_time, fn, *a) for k, (fn, a) in fns.items()}, reps)
   size = x.size * x.dtype.itemsize
   med = {k: statistics.median(v) for k, v in times.items()}
   gbs = {k: (2 if k == "copy" else 4) * size / med[k] / 1e9 for k in fns}
