@@ -7,8 +7,8 @@ independent of ``x`` (in a model the output's cotangent is not the input: with
 ``sum(dy)``, a saving no model gets). Inference: ``bn_infer`` against a
 plain copy of the same array (NumPy, and XLA under jit) and against the
 cheapest XLA elementwise op (``x * 1.5 + 0.5`` with scalar constants). Runs
-are interleaved (one of each in turn, the order rotating from round to round,
-so that none always finds ``x`` in cache after the same predecessor) and the
+are interleaved (one of each in turn, in a new random order every round, so
+that none always finds ``x`` in cache after the same predecessor) and the
 median of ``--reps`` is reported, so both sides see the same machine load.
 Also reports compiled temporary memory and the output std on
 ``1e4 + N(0, 1)`` input (exactness far from zero).
@@ -41,6 +41,7 @@ import functools
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -85,18 +86,20 @@ def _time(fn, *args) -> float:
   return time.perf_counter() - t0
 
 
-def _rotated(runs: dict, reps: int) -> dict[str, list[float]]:
-  """Seconds of each of ``runs`` (callables returning seconds), ``reps`` rounds in rotating order.
+def _interleaved(runs: dict, reps: int) -> dict[str, list[float]]:
+  """Seconds of each of ``runs`` (callables returning seconds), ``reps`` rounds, shuffled.
 
-  Every step reads the same ``x``: run in a fixed order, each would find ``x``
-  in cache where its predecessor left it, always the same one. Rotating the
-  order gives each the same predecessors.
+  Every step reads the same ``x``, so a step may find it in cache where its
+  predecessor left it. Each round runs the steps in a new random order (seeded:
+  the same orders on every run), so that every step follows every other about
+  equally often; a fixed or a rotated order keeps the same neighbours.
   """
   names = list(runs)
   times = {k: [] for k in names}
-  for r in range(reps):
-    k = r % len(names)
-    for name in names[k:] + names[:k]:
+  order = random.Random(0)
+  for _ in range(reps):
+    order.shuffle(names)
+    for name in names:
       times[name].append(runs[name]())
   return times
 
@@ -162,7 +165,7 @@ def bench(shape, reps: int) -> dict:
     "xla_affine": functools.partial(_time, xla_affine, x),
     "np_copy": np_copy,
   }
-  times = _rotated(runs, reps)
+  times = _interleaved(runs, reps)
   med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
   std_ours = _output_std_far_from_zero(lambda x: jaxbn.bn_train(*jaxbn.bn_init(c), x)[0], c)
@@ -196,7 +199,7 @@ def bandwidth(shape, reps: int) -> dict:
   fns["copy"] = (jax.jit(lambda x: x + 0), (x,))
   for fn, a in fns.values():
     jax.block_until_ready(fn(*a))
-  times = _rotated({k: functools.partial(_time, fn, *a) for k, (fn, a) in fns.items()}, reps)
+  times = _interleaved({k: functools.partial(_time, fn, *a) for k, (fn, a) in fns.items()}, reps)
   size = x.size * x.dtype.itemsize
   med = {k: statistics.median(v) for k, v in times.items()}
   gbs = {k: (2 if k == "copy" else 4) * size / med[k] / 1e9 for k in fns}

@@ -694,27 +694,30 @@ def _train_kernel(cfg: _Config):
     r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)  # at every order
     return g * rstd * r, g * d + bias.astype(dt), rstd, r, d
 
-  def output(x, shift, a, c):
-    """``y = (x - shift) * a + c``, not ``x - mean``: exact far from zero.
+  def output(x, mean, a, c):
+    """``y = (x - mean) * a + c``.
 
     The per-feature values get copies of their own, so that XLA broadcasts
     them inside the pass that writes y (a factor computed in a fusion of its
     own is otherwise broadcast to x's size and written to memory first).
     """
-    shift, a, c = jax.lax.optimization_barrier((shift, a, c))
-    return ((x.astype(shift.dtype) - shift) * a + c).astype(x.dtype)
+    mean, a, c = jax.lax.optimization_barrier((mean, a, c))
+    return ((x.astype(mean.dtype) - mean) * a + c).astype(x.dtype)
 
   def outputs(xs, shift, delta, a, b):
     """One output per input, each from its own input and the joint statistics.
 
-    ``((x - shift) - delta) a + b`` as ``(x - shift) a + (b - delta a)``: three
-    per-feature values per element, as ``(x - mean) a + b`` has. ``|delta|`` is
-    within ``sqrt(SUBSET)`` standard deviations (:func:`numerics.reference_shift`),
-    so the sum cancels at most ``log2(1 + sqrt(SUBSET))`` (2.7) bits of ``y``'s
-    ``a``-sized terms: a few float32 spacings, far from zero as near it.
+    ``((x - shift) - delta) a + b`` as ``(x - mean) a + (b - residual a)``
+    (:func:`numerics.mean_and_residual`): exact far from zero as the first
+    form, a constant feature gives exactly ``b``, and each element meets three
+    per-feature values, as flax's ``(x - mean) a + b``. (XLA recomputes a
+    batch norm's output inside the transposed copies of activations it makes
+    for convolutions' kernel gradients; a fourth value made one such copy in
+    ResNet-18 three times slower.)
     """
-    c = b - delta * a
-    return tuple(output(x, *(like(t, xs, i) for t in (shift, a, c))) for i, x in enumerate(xs))
+    mean, residual = numerics.mean_and_residual(shift, delta)
+    c = b - residual * a
+    return tuple(output(x, *(like(t, xs, i) for t in (mean, a, c))) for i, x in enumerate(xs))
 
   @jax.custom_jvp
   def kernel(xs, scale, bias, masks, shift, ref_mean, ref_var, rmax, dmax):

@@ -56,6 +56,7 @@ __all__ = (
   "batch_average_init",
   "batch_moments",
   "copies",
+  "mean_and_residual",
   "merge",
   "merge_stacked",
   "moments",
@@ -131,6 +132,28 @@ class Shifted(NamedTuple):
   def moments(self) -> Moments:
     """The plain :class:`Moments` (``mean = shift + delta``, rounded once)."""
     return Moments(self.count, self.shift + self.delta, self.m2)
+
+
+def mean_and_residual(shift: Array, delta: Array) -> tuple[Array, Array]:
+  """``shift + delta`` rounded once, and what the rounding left out, exactly.
+
+  Knuth's TwoSum: ``mean = fl(shift + delta)`` and ``residual = (shift +
+  delta) - mean`` with no error (round-to-nearest, no reassociation), so
+  ``x - shift - delta = (x - mean) - residual`` keeps every digit far from zero
+  (``x - mean`` is exact near the mean; ``residual`` is below half a spacing
+  of ``mean``). When the values are all equal to ``mean``, ``residual`` is 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import numerics
+    >>> m, r = numerics.mean_and_residual(jnp.float32(1e6), jnp.float32(0.01))
+    >>> float(m), float(r)  # 1e6 + 0.01 is not a float32; r holds the rest
+    (1000000.0, 0.009999999776482582)
+  """
+  mean = shift + delta
+  d = mean - shift
+  s = mean - d
+  return mean, (shift - s) + (delta - d)
 
 
 def copies(tree: Any, k: int) -> list[Any]:
