@@ -41,7 +41,6 @@ import functools
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -87,19 +86,14 @@ def _time(fn, *args) -> float:
 
 
 def _interleaved(runs: dict, reps: int) -> dict[str, list[float]]:
-  """Seconds of each of ``runs`` (callables returning seconds), ``reps`` rounds, shuffled.
+  """Seconds of each of ``runs`` (callables returning seconds) over ``reps`` rounds.
 
-  Every step reads the same ``x``, so a step may find it in cache where its
-  predecessor left it. Each round runs the steps in a new random order (seeded:
-  the same orders on every run), so that every step follows every other about
-  equally often; a fixed or a rotated order keeps the same neighbours.
+  Every step reads the same ``x``, so the order matters: each round's is new
+  (:func:`bench_models.round_orders`).
   """
-  names = list(runs)
-  times = {k: [] for k in names}
-  order = random.Random(0)
-  for _ in range(reps):
-    order.shuffle(names)
-    for name in names:
+  times = {k: [] for k in runs}
+  for order in bench_models.round_orders(list(runs), reps):
+    for name in order:
       times[name].append(runs[name]())
   return times
 

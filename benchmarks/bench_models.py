@@ -13,7 +13,7 @@ statistics and optimizer state threaded from step to step. The norms:
 
 A step minus the identity step is the batch-norm overhead of that step. The
 four compiled steps of a model are kept in memory and run interleaved (each
-once per repetition, in rotating order). Reported: median step time; the
+once per repetition, in a new random order every repetition). Reported: median step time; the
 overhead, as the median over repetitions of the step minus the identity step
 of the same repetition, with its smallest and largest value over ``--blocks``
 blocks of consecutive repetitions; overhead ratios; the overhead of the
@@ -46,6 +46,7 @@ import glob
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import tempfile
@@ -292,21 +293,34 @@ def temp_bytes(compiled) -> int | None:
     return None
 
 
+def round_orders(names: Sequence[str], rounds: int):
+  """The order of ``names`` in each of ``rounds`` rounds: a new random one every round.
+
+  Seeded, so every run uses the same orders. Each name follows every other about
+  equally often, so that none always finds the caches as one neighbour left them
+  (a fixed or a rotated order keeps the same neighbours), and all see the same load.
+  """
+  order, rng = list(names), random.Random(0)
+  for _ in range(rounds):
+    rng.shuffle(order)
+    yield list(order)
+
+
 def interleaved_times(steps: dict, args: dict, reps: int) -> dict[str, list[float]]:
-  """Seconds per call of each compiled train step, run in rotating order.
+  """Seconds per call of each compiled train step, run in the orders of :func:`round_orders`.
 
   ``steps[name]`` is a compiled ``step(params, batch_stats, opt_state, x,
   labels)`` returning the first three updated; ``args[name]`` its initial
-  arguments. Each step is warmed up twice; then every round runs each step
-  once, starting from a different one, so that all see the same load.
+  arguments. The first ``2 * len(steps)`` rounds warm up; then every round
+  runs each step once.
   """
   names = list(steps)
   state = {n: args[n][:3] for n in names}
   consts = {n: args[n][3:] for n in names}
   times = {n: [] for n in names}
-  for r in range(-2 * len(names), reps):  # the first rounds warm up
-    k = r % len(names)
-    for name in names[k:] + names[:k]:
+  warm = 2 * len(names)  # the first rounds warm up
+  for r, order in enumerate(round_orders(names, warm + reps), -warm):
+    for name in order:
       t0 = time.perf_counter()
       out = steps[name](*state[name], *consts[name])
       jax.block_until_ready(out)
@@ -494,7 +508,7 @@ def traced_op_times(runs: dict, ops: dict, reps: int, trace_dir: str) -> tuple[d
   Args:
     runs: name -> a callable that runs one step and waits for it.
     ops: name -> the op names of that step's compiled program (:func:`hlo_ops`).
-    reps: rounds; each runs every step once, in rotating order.
+    reps: rounds; each runs every step once (:func:`round_orders`).
     trace_dir: where the trace is written.
 
   Returns:
@@ -504,9 +518,8 @@ def traced_op_times(runs: dict, ops: dict, reps: int, trace_dir: str) -> tuple[d
   """
   names = list(runs)
   jax.profiler.start_trace(trace_dir)
-  for r in range(reps):
-    k = r % len(names)
-    for name in names[k:] + names[:k]:
+  for r, order in enumerate(round_orders(names, reps)):
+    for name in order:
       with jax.profiler.TraceAnnotation(f"step|{name}|{r}"):
         runs[name]()
   jax.profiler.stop_trace()

@@ -2,7 +2,8 @@
 
 For each activation shape, dtype (float32, bfloat16) and layout (channel-last,
 ``axis=-1``; channel-first, ``axis=1``), five jitted programs run interleaved,
-one of each in turn, ``--reps`` times:
+one of each in turn in a new order every round (``bench_models.round_orders``),
+``--reps`` rounds:
 
 - the train step of jaxbn and of ``flax.linen.BatchNorm``: ``(x, dy) -> (y, dx,
   dscale, dbias, new running statistics)`` (``jax.vjp``); at least ``x`` and
@@ -96,8 +97,9 @@ def measure(shape: tuple[int, ...], dtype: str, layout: str, reps: int) -> dict:
     got = bench_models.bytes_accessed(fn.lower(*args).compile())
     per_element[name] = None if got is None else got / x.size
   times = {name: [] for name in progs}
-  for _ in range(reps):
-    for name, (fn, args, _) in progs.items():
+  for order in bench_models.round_orders(list(progs), reps):
+    for name in order:
+      fn, args, _ = progs[name]
       t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - t0)
